@@ -1,0 +1,88 @@
+"""User/item feature records: their format, and the merged view (batch features + real-time events).
+
+Batch record (orjson at `keyspace.user_features(version, user_id)`), written by the feature build:
+    {"user_id", "clicks", "recent": [[item_id, ts], ...] newest first, "top_categories": [[cat, n], ...],
+     "environment", "region", "first_ts", "last_ts", "attrs": {column: value}}
+Real-time state (unversioned, survives rebuilds), written by POST /events:
+    list `realtime_recent(user)`: orjson [item_id, ts, environment, region], newest first, capped;
+    hash `realtime_counters(user)`: clicks, first_ts, last_ts, env:<e>, region:<r>.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from common.keyspace import FEATURES_CHANNEL, Keyspace
+
+
+@dataclass
+class UserState:
+    """What serving needs about a user right now."""
+
+    user_id: str
+    known: bool  # has a batch record or real-time events
+    recent: list[tuple[str, int]] = field(default_factory=list)  # (item_id, ts), newest first, deduplicated
+    seen: set[str] = field(default_factory=set)  # every item the user is known to have clicked
+    features: dict[str, Any] = field(default_factory=dict)  # the merged feature record
+
+    @property
+    def recent_items(self) -> list[str]:
+        return [i for i, _ in self.recent]
+
+
+def merge_user_state(user_id: str, batch: bytes | None, rt_events: list[bytes], rt_counters: dict,
+                     recent_n: int) -> UserState:
+    """Combine a batch record with real-time events (events newer than the batch come first)."""
+    rec: dict[str, Any] = orjson.loads(batch) if batch else {}
+    events = [orjson.loads(e) for e in rt_events]
+    counters = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+                for k, v in (rt_counters or {}).items()}
+    merged: list[tuple[str, int]] = [(str(e[0]), int(e[1])) for e in events]
+    merged += [(str(i), int(t)) for i, t in rec.get("recent", [])]
+    merged.sort(key=lambda x: -x[1])  # stable: real-time first among equal timestamps
+    seen_order: dict[str, int] = {}
+    for item, ts in merged:
+        seen_order.setdefault(item, ts)
+    recent = list(seen_order.items())[:recent_n]
+    seen = set(seen_order) | set(rec.get("seen", []))
+    feats = dict(rec)
+    feats.pop("seen", None)
+    feats["user_id"] = user_id
+    rt_clicks = int(counters.get("clicks", 0))
+    feats["clicks"] = int(rec.get("clicks", 0)) + rt_clicks
+    feats["recent"] = [[i, t] for i, t in recent]
+    if rt_clicks:
+        feats["last_ts"] = max(int(rec.get("last_ts") or 0), int(counters.get("last_ts", 0)))
+        feats["first_ts"] = int(rec.get("first_ts") or counters.get("first_ts", 0))
+        feats["realtime_clicks"] = rt_clicks
+        if events:
+            feats["environment"] = feats.get("environment") or events[0][2]
+            feats["region"] = feats.get("region") or events[0][3]
+    return UserState(user_id=user_id, known=bool(rec) or rt_clicks > 0 or bool(events), recent=recent, seen=seen,
+                     features=feats)
+
+
+def feature_version_key(ks: Keyspace) -> str:
+    return ks.current(FEATURES_CHANNEL)
+
+
+async def fetch_user_states(astores, user_ids: list[str], features_version: str | None, recent_n: int) -> list[UserState]:
+    """Batch + real-time state of several users in one pipelined round trip to the user store."""
+    ks: Keyspace = astores.keyspace
+    pipe = astores("user_features").pipeline(transaction=False)
+    for u in user_ids:
+        if features_version:
+            pipe.get(ks.user_features(features_version, u))
+        pipe.lrange(ks.realtime_recent(u), 0, recent_n - 1)
+        pipe.hgetall(ks.realtime_counters(u))
+    res = await pipe.execute()
+    step = 3 if features_version else 2
+    out = []
+    for j, u in enumerate(user_ids):
+        part = res[j * step:(j + 1) * step]
+        batch = part[0] if features_version else None
+        out.append(merge_user_state(u, batch, part[-2], part[-1], recent_n))
+    return out

@@ -1,0 +1,66 @@
+"""The trainer's command line (typer). Each command lives in its own module; this file only wires them."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Offline side: synthetic data, nightly job, evaluation.")
+
+
+def _logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def synth(users: int = typer.Option(10_000, help="number of users"),
+          items: int = typer.Option(5_000, help="number of items"),
+          clicks: int = typer.Option(200_000, help="number of clicks"),
+          out: Path = typer.Option(..., help="output dataset directory"),
+          seed: int = typer.Option(42, help="random seed"),
+          fmt: str = typer.Option("parquet", "--format", help="parquet or csv")) -> None:
+    """Write a news-like synthetic dataset (interactions, users, items) to OUT."""
+    from trainer.synth import write_synthetic
+
+    _logging()
+    write_synthetic(out, n_users=users, n_items=items, n_clicks=clicks, seed=seed, fmt=fmt)
+
+
+@app.command()
+def nightly(data: Optional[Path] = typer.Option(None, help="dataset directory (default: built-in synthetic data)"),
+            config: Optional[Path] = typer.Option(None, help="channel config (default: $CHANNELS_CONFIG)"),
+            redis_url: Optional[str] = typer.Option(None, help="Redis URL (default: $REDIS_URL)"),
+            artifacts: Optional[Path] = typer.Option(None, help="artifacts dir (default: $ARTIFACTS_DIR)")) -> None:
+    """Load, validate, build features, fit and publish every enabled channel atomically."""
+    from trainer.nightly import run_nightly_cli
+
+    _logging()
+    raise typer.Exit(run_nightly_cli(data=data, config=config, redis_url=redis_url, artifacts=artifacts))
+
+
+@app.command()
+def evaluate(data: Path = typer.Option(..., help="dataset directory"),
+             out: Path = typer.Option(..., help="report directory"),
+             config: Optional[Path] = typer.Option(None, help="channel config (default: $CHANNELS_CONFIG)"),
+             channels: Optional[str] = typer.Option(None, help="comma-separated subset of channels"),
+             repeats: int = typer.Option(1, help="timed fits per channel (median); the protocol uses 3"),
+             tune: bool = typer.Option(False, help="grid-search merge weights on the validation split")) -> None:
+    """Score every enabled channel and the merged list under shared PROTOCOL.md."""
+    from trainer.evaluate import run_evaluate_cli
+
+    _logging()
+    raise typer.Exit(run_evaluate_cli(data=data, out=out, config=config, channels=channels, repeats=repeats, tune=tune))
+
+
+@app.command()
+def schedule(at: str = typer.Option("02:00", help="daily run time, HH:MM local time"),
+             data: Optional[Path] = typer.Option(None, help="dataset directory"),
+             run_now_if_empty: bool = typer.Option(True, help="run once at start when nothing is published")) -> None:
+    """Run the nightly job every day at AT (and once at start if nothing is published)."""
+    from trainer.schedule import run_schedule
+
+    _logging()
+    raise typer.Exit(run_schedule(at=at, data=data, run_now_if_empty=run_now_if_empty))

@@ -1,0 +1,104 @@
+"""The indexed, deduplicated, time-ordered training view every channel fits on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from common.ids import IdMap
+from trainer.data.io import CATEGORY_COLUMNS
+from trainer.data.split import dedupe_pairs, order_interactions
+
+
+@dataclass
+class TrainData:
+    """Interactions as parallel arrays sorted by (user, time, item), with id maps and attributes.
+
+    `user_idx/item_idx` index into `users`/`items` (IdMaps); `user_ptr[u]:user_ptr[u+1]` is user u's slice.
+    """
+
+    user_map: IdMap
+    item_map: IdMap
+    user_idx: np.ndarray  # int32, per interaction
+    item_idx: np.ndarray  # int32
+    ts: np.ndarray  # int64 seconds
+    context: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. environment, region (str arrays)
+    user_attrs: pd.DataFrame | None = None  # row i = user index i
+    item_attrs: pd.DataFrame | None = None  # row i = item index i
+    rating: np.ndarray | None = None
+
+    @classmethod
+    def from_frame(cls, interactions: pd.DataFrame, users: pd.DataFrame | None = None,
+                   items: pd.DataFrame | None = None, user_map: IdMap | None = None,
+                   item_map: IdMap | None = None) -> TrainData:
+        """Dedupe, order and index a frame; given id maps are extended (stable), not rebuilt."""
+        df = order_interactions(dedupe_pairs(interactions))
+        user_map = IdMap(user_map.ids) if user_map is not None else IdMap()
+        item_map = IdMap(item_map.ids) if item_map is not None else IdMap()
+        user_map.extend(df["user_id"])
+        item_map.extend(df["item_id"])
+        u = user_map.lookup(df["user_id"]).astype(np.int32)
+        i = item_map.lookup(df["item_id"]).astype(np.int32)
+        ts = df["timestamp"].to_numpy(np.int64)
+        # order_interactions sorted by external user id; re-sort by internal index, keeping time order
+        order = np.lexsort((np.arange(len(df)), u))
+        ctx = {c: df[c].astype(str).to_numpy(object)[order] for c in ("environment", "region") if c in df.columns}
+        rating = df["rating"].to_numpy(np.float32)[order] if "rating" in df.columns else None
+        ua = users.reindex(pd.Index(user_map.ids)).reset_index(drop=True) if users is not None else None
+        ia = items.reindex(pd.Index(item_map.ids)).reset_index(drop=True) if items is not None else None
+        return cls(user_map, item_map, u[order], i[order], ts[order], ctx, ua, ia, rating)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_map)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_map)
+
+    @cached_property
+    def user_ptr(self) -> np.ndarray:
+        return np.searchsorted(self.user_idx, np.arange(self.n_users + 1)).astype(np.int64)
+
+    @cached_property
+    def csr(self) -> sp.csr_matrix:
+        """users × items binary matrix (float32)."""
+        m = sp.csr_matrix((np.ones(len(self.user_idx), np.float32), (self.user_idx, self.item_idx)),
+                          shape=(self.n_users, self.n_items))
+        m.sum_duplicates()
+        m.data[:] = 1.0
+        return m
+
+    @cached_property
+    def item_counts(self) -> np.ndarray:
+        return np.bincount(self.item_idx, minlength=self.n_items).astype(np.int64)
+
+    def history(self, u: int) -> tuple[np.ndarray, np.ndarray]:
+        """User u's items and timestamps, oldest first."""
+        a, b = self.user_ptr[u], self.user_ptr[u + 1]
+        return self.item_idx[a:b], self.ts[a:b]
+
+    def recent(self, u: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """User u's last `n` items and timestamps, newest first (what the feature server stores)."""
+        items, ts = self.history(u)
+        return items[::-1][:n], ts[::-1][:n]
+
+    @cached_property
+    def category_column(self) -> str | None:
+        if self.item_attrs is None:
+            return None
+        return next((c for c in CATEGORY_COLUMNS if c in self.item_attrs.columns), None)
+
+    @cached_property
+    def item_category(self) -> tuple[np.ndarray, list[str]]:
+        """(primary category code per item, -1 if unknown; category names). Multi-valued → first value."""
+        col = self.category_column
+        if col is None:
+            return np.full(self.n_items, -1, np.int32), []
+        s = self.item_attrs[col].astype("string").str.split("|").str[0]
+        codes, names = pd.factorize(s, sort=True)
+        return codes.astype(np.int32), [str(x) for x in names]

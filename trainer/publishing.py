@@ -1,0 +1,113 @@
+"""Writes a fitted channel's artifacts to Redis (through the keyspace) and the artifacts dir, atomically."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from common.channel_config import ChannelSpec
+from common.keyspace import DEFAULT_NN_STORE_BY_MODEL, pack_neighbors, pack_vector, unpack_neighbors
+from common.publish import Publisher
+from common.redis_conn import RedisStores
+from trainer.channels.base import Artifacts, ListArtifact, NeighborArtifact, VectorArtifact
+from trainer.data.train_data import TrainData
+
+
+def nn_store(spec: ChannelSpec, kind: str) -> str:
+    """Redis store for a channel's neighbour lists: config `store`, else the model default, else other_nn."""
+    if spec.store:
+        return spec.store
+    store = DEFAULT_NN_STORE_BY_MODEL.get(spec.model or "", "other_nn")
+    if kind == "u2u" and store != "usercf_u2u":
+        return "other_nn"
+    if kind == "i2i" and store == "usercf_u2u":
+        return "other_nn"
+    return store
+
+
+def _rows(art: NeighborArtifact):
+    for r in range(art.neighbors.shape[0]):
+        nb = art.neighbors[r]
+        keep = nb >= 0
+        if keep.any():
+            yield r, nb[keep], art.scores[r][keep]
+
+
+def publish_channel(stores: RedisStores, spec: ChannelSpec, artifacts: Artifacts, data: TrainData,
+                    artifacts_dir: str | Path, extra: dict[str, Any] | None = None, progress: bool = True,
+                    **publisher_kwargs) -> str:
+    """Publish every artifact of one trained channel as a new version and flip `current`."""
+    ks, name = stores.keyspace, spec.name
+    pub = Publisher(stores, name, **publisher_kwargs)
+    ver = pub.begin()
+    out_dir = Path(artifacts_dir) / name / ver
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest: dict[str, Any] = {"model": spec.model, "kinds": sorted(artifacts), "n_items": data.n_items,
+                                "n_users": data.n_users, "params": spec.params, "counts": {}, "stores": {},
+                                **(extra or {})}
+    written: list[tuple[str, str]] = []  # (store, key) samples to verify
+
+    def bar(total: int, what: str):
+        return tqdm(total=total, desc=f"publish {name} {what}", unit="key", disable=not progress, leave=False)
+
+    for kind, art in artifacts.items():
+        if isinstance(art, NeighborArtifact):
+            store = nn_store(spec, kind)
+            if kind == "i2i":
+                keyf = lambda r: ks.i2i(store, name, ver, r)  # noqa: E731
+            else:
+                keyf = lambda r: ks.u2u(store, name, ver, data.user_map.ids[r])  # noqa: E731
+            with bar(art.neighbors.shape[0], kind) as b:
+                items = ((keyf(r), pack_neighbors(ids, sc)) for r, ids, sc in _rows(art))
+                n = pub.write(store, items, progress=b.update)
+            written += [(store, keyf(r)) for r, *_ in list(_rows(art))[:50]]
+            manifest["counts"][kind] = n
+            manifest["stores"][kind] = store
+            manifest[f"{kind}_k"] = int(art.neighbors.shape[1])
+        elif isinstance(art, VectorArtifact):
+            d = int(art.item_vectors.shape[1])
+            with bar(len(art.item_vectors) + len(art.user_vectors), "vectors") as b:
+                n_i = pub.write("item_emb", ((ks.item_vector(name, ver, i), pack_vector(v))
+                                             for i, v in enumerate(art.item_vectors)), progress=b.update)
+                n_u = pub.write("user_emb", ((ks.user_vector(name, ver, data.user_map.ids[u]), pack_vector(v))
+                                             for u, v in enumerate(art.user_vectors)), progress=b.update)
+            np.save(out_dir / "item_vectors.npy", art.item_vectors.astype(np.float32))
+            np.save(out_dir / "user_vectors.npy", art.user_vectors.astype(np.float32))
+            if art.user_tower is not None:
+                pub.write("item_emb", [(ks.user_tower(name, ver), art.user_tower)])
+                (out_dir / "user_tower.pt").write_bytes(art.user_tower)
+            manifest.update(dim=d, metric=art.metric, has_user_tower=art.user_tower is not None,
+                            user_tower_meta=art.user_tower_meta)
+            manifest["counts"]["item_vectors"], manifest["counts"]["user_vectors"] = n_i, n_u
+            manifest["stores"][kind] = "item_emb"
+            written += [("item_emb", ks.item_vector(name, ver, i)) for i in range(min(50, n_i))]
+        elif isinstance(art, ListArtifact):
+            n = pub.write("lists", ((ks.item_list(name, ver, ln), pack_neighbors(ids, sc))
+                                    for ln, (ids, sc) in art.lists.items()))
+            manifest["counts"]["lists"] = n
+            manifest["lists"] = sorted(art.lists)
+            manifest["stores"][kind] = "lists"
+            written += [("lists", ks.item_list(name, ver, ln)) for ln in list(art.lists)[:50]]
+        else:
+            raise TypeError(f"channel {name!r}: unknown artifact type {type(art).__name__} for kind {kind!r}")
+
+    data.item_map.save(out_dir / "item_ids.json")
+    data.user_map.save(out_dir / "user_ids.json")
+    manifest["artifacts_dir"] = str(out_dir.resolve())
+
+    def verify() -> None:
+        sample = random.Random(0).sample(written, min(20, len(written)))
+        for store, key in sample:
+            value = stores(store).get(key)
+            if value is None:
+                raise RuntimeError(f"key {key!r} missing in store {store!r}")
+            if store != "item_emb" and store != "user_emb" and len(unpack_neighbors(value)[0]) == 0:
+                raise RuntimeError(f"key {key!r} holds an empty list")
+
+    (out_dir / "manifest.json").write_text(json.dumps({**manifest, "version": ver}, indent=1, default=str))
+    return pub.commit(manifest, verify=verify)

@@ -2,7 +2,8 @@
 
 Batch record (orjson at `keyspace.user_features(version, user_id)`), written by the feature build:
     {"user_id", "clicks", "recent": [[item_id, ts], ...] newest first, "top_categories": [[cat, n], ...],
-     "environment", "region", "first_ts", "last_ts", "attrs": {column: value}}
+     "environment", "region", "first_ts", "last_ts", "attrs": {column: value},
+     "seen": [every distinct clicked item id, newest first, capped at 5000]}
 Real-time state (unversioned, survives rebuilds), written by POST /events:
     list `realtime_recent(user)`: orjson [item_id, ts, environment, region], newest first, capped;
     hash `realtime_counters(user)`: clicks, first_ts, last_ts, env:<e>, region:<r>.

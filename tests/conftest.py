@@ -15,7 +15,7 @@ import redis
 
 from common.keyspace import Keyspace
 from common.local_redis import LocalRedis
-from common.redis_conn import RedisStores
+from common.redis_conn import RedisStores, _url_for_db
 from common.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def redis_url(redis_server):
     """The session Redis, with every DB this test may use flushed before and after."""
     def flush():
         for db in range(16):
-            c = redis.Redis.from_url(redis_server, db=db)
+            c = redis.Redis.from_url(_url_for_db(redis_server, db))  # a URL's /0 path would override db=db
             try:
                 c.flushdb()
             finally:

@@ -1,0 +1,375 @@
+"""Feature server: merged user features (batch + real-time), item features, real-time click events.
+
+Endpoints: GET /users/{id}, GET /items/{id}, POST /events, GET /healthz, GET /metrics (Prometheus), /docs.
+Redis being unreachable is answered with 503 naming Redis; the clients reconnect by themselves.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse, urlunparse
+
+import orjson
+import redis.exceptions
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, field_validator
+
+from common.features import fetch_user_states
+from common.keyspace import FEATURES_CHANNEL, Keyspace, pack_json, unpack_json
+from common.redis_conn import AsyncRedisStores
+from common.settings import Settings, get_settings
+from common.versions import VersionWatcher
+
+log = logging.getLogger(__name__)
+
+BYTES_PER_EVENT = 1024  # body size allowance per event: the body limit is max_event_batch × this (+ slack)
+MAX_ID_LEN = 256
+MAX_SECONDS = 10**11  # larger "seconds" are almost certainly milliseconds
+
+# One atomic script for a whole batch. KEYS: per event (recent list, counters hash, item clicks).
+# ARGV: n, recent_n, item DB ('' = same DB as the user store), then per event: packed, ts, env, region.
+# SELECT inside a script only affects the script itself (Redis >= 2.8.12).
+EVENTS_LUA = """
+local n = tonumber(ARGV[1])
+local recent_n = tonumber(ARGV[2])
+for i = 1, n do
+  local rk, ck = KEYS[3 * i - 2], KEYS[3 * i - 1]
+  local a = 3 + 4 * (i - 1)
+  local ts = tonumber(ARGV[a + 2])
+  redis.call('LPUSH', rk, ARGV[a + 1])
+  redis.call('LTRIM', rk, 0, recent_n - 1)
+  redis.call('HINCRBY', ck, 'clicks', 1)
+  local last = redis.call('HGET', ck, 'last_ts')
+  if (not last) or ts > tonumber(last) then redis.call('HSET', ck, 'last_ts', ARGV[a + 2]) end
+  local first = redis.call('HGET', ck, 'first_ts')
+  if (not first) or ts < tonumber(first) then redis.call('HSET', ck, 'first_ts', ARGV[a + 2]) end
+  if ARGV[a + 3] ~= '' then redis.call('HINCRBY', ck, 'env:' .. ARGV[a + 3], 1) end
+  if ARGV[a + 4] ~= '' then redis.call('HINCRBY', ck, 'region:' .. ARGV[a + 4], 1) end
+end
+if ARGV[3] ~= '' then redis.call('SELECT', ARGV[3]) end
+for i = 1, n do redis.call('INCR', KEYS[3 * i]) end
+return n
+"""
+
+
+def _id(v: Any) -> str:
+    if isinstance(v, bool) or not isinstance(v, str | int):
+        raise ValueError("must be a string or an integer")
+    s = str(v).strip()
+    if not s:
+        raise ValueError("must not be empty")
+    if len(s) > MAX_ID_LEN:
+        raise ValueError(f"must be at most {MAX_ID_LEN} characters")
+    return s
+
+
+class Event(BaseModel):
+    """One click: who clicked what, when (integer seconds; default now), and optional context."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: str
+    item_id: str
+    timestamp: int | None = None
+    environment: str | None = None
+    region: str | None = None
+
+    @field_validator("user_id", "item_id", mode="before")
+    @classmethod
+    def _ids(cls, v: Any) -> str:
+        return _id(v)
+
+    @field_validator("environment", "region", mode="before")
+    @classmethod
+    def _context(cls, v: Any) -> str | None:
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, str | int):
+            raise ValueError("must be a string, an integer or null")
+        s = str(v).strip()
+        if len(s) > MAX_ID_LEN:
+            raise ValueError(f"must be at most {MAX_ID_LEN} characters")
+        return s or None
+
+    @field_validator("timestamp", mode="before")
+    @classmethod
+    def _ts(cls, v: Any) -> int | None:
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError("must be an integer number of seconds since the epoch")
+        if v < 0:
+            raise ValueError("must not be negative")
+        if v >= MAX_SECONDS:
+            raise ValueError("looks like milliseconds; send seconds since the epoch")
+        return v
+
+
+EVENTS = TypeAdapter(list[Event])
+
+
+class EventsBody(BaseModel):
+    """POST /events body: a list of events, or {"events": [...]} (documentation only; parsed by hand)."""
+
+    events: list[Event]
+
+
+class RequestError(Exception):
+    """A client error answered with `status` and a message."""
+
+    def __init__(self, status: int, detail: str, **extra: Any):
+        super().__init__(detail)
+        self.status, self.detail, self.extra = status, detail, extra
+
+
+def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(pack_json(obj), status_code=status, media_type="application/json", headers=headers)
+
+
+def safe_url(url: str) -> str:
+    """The Redis URL without credentials, for messages."""
+    u = urlparse(url)
+    host = u.hostname or ""
+    netloc = f"{host}:{u.port}" if u.port else host
+    return urlunparse(u._replace(netloc=netloc))
+
+
+def resolve_redis_url(settings: Settings) -> str:
+    """REDIS_URL, else the URL of the local Redis that `make up` started (run_dir/redis/redis.url)."""
+    if settings.redis_url:
+        return settings.redis_url
+    url_file = Path(settings.run_dir) / "redis" / "redis.url"
+    if url_file.exists() and url_file.read_text().strip():
+        return url_file.read_text().strip()
+    raise RuntimeError("no Redis configured: set REDIS_URL (e.g. redis://127.0.0.1:6379/0) or start the stack "
+                       "with `make up`")
+
+
+def format_errors(exc: ValidationError, limit: int = 5) -> list[str]:
+    """'events[3].timestamp: message' for the first `limit` errors."""
+    out = []
+    for err in exc.errors(include_url=False)[:limit]:
+        loc = err["loc"]
+        path = f"events[{loc[0]}]" if loc else "events"
+        path += "".join(f".{p}" for p in loc[1:])
+        msg = err["msg"].removeprefix("Value error, ")
+        out.append(f"{path}: {msg}")
+    return out
+
+
+class Metrics:
+    """Prometheus metrics of one app (own registry, so several apps can live in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.latency = Histogram("feature_server_request_seconds", "Request latency by endpoint",
+                                 ["endpoint", "method", "status"], registry=self.registry,
+                                 buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+        self.events_accepted = Counter("feature_server_events_accepted_total", "Click events written",
+                                       registry=self.registry)
+        self.events_rejected = Counter("feature_server_events_rejected_total", "Click events rejected (whole batches)",
+                                       ["reason"], registry=self.registry)
+        self.redis_errors = Counter("feature_server_redis_errors_total", "Requests failed because of Redis",
+                                    ["endpoint"], registry=self.registry)
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware timing each request under its route template (not the raw path)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.latency.labels(endpoint, scope["method"], str(status)).observe(time.perf_counter() - start)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The feature server app; Redis clients and the version watcher live in its lifespan."""
+    settings = settings or get_settings()
+    redis_url = resolve_redis_url(settings)
+    ks = Keyspace.from_settings(settings)
+    metrics = Metrics()
+    max_body = settings.max_event_batch * BYTES_PER_EVENT + 4096
+    item_db = ks.db("item_features")
+    item_db_arg = "" if item_db == ks.db("user_features") else str(item_db)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        astores = AsyncRedisStores(redis_url, ks, timeout_s=settings.redis_timeout_s)
+        watcher = VersionWatcher(astores, [FEATURES_CHANNEL], interval_s=1.0)
+        await watcher.start()
+        app.state.astores, app.state.watcher = astores, watcher
+        app.state.events_script = astores("user_features").register_script(EVENTS_LUA)
+        gc.collect()
+        gc.freeze()  # start-up objects never need collecting; keeps GC pauses short
+        try:
+            yield
+        finally:
+            await watcher.stop()
+            await astores.close()
+
+    app = FastAPI(title="Feature server", version="1", lifespan=lifespan,
+                  description="User features (batch + real-time events), item features, click events.")
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.state.metrics, app.state.settings = metrics, settings
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, exc: RequestError) -> Response:
+        return _json({"detail": exc.detail, **exc.extra}, exc.status)
+
+    async def _redis_down(request: Request, exc: Exception) -> Response:
+        route = request.scope.get("route")
+        metrics.redis_errors.labels(getattr(route, "path", "unmatched")).inc()
+        log.warning("Redis error on %s: %s: %s", request.url.path, type(exc).__name__, exc)
+        return _json({"detail": f"Redis unavailable at {safe_url(redis_url)}: {type(exc).__name__}: {exc}"}, 503)
+
+    for exc_type in (redis.exceptions.RedisError, ConnectionError, TimeoutError):
+        app.add_exception_handler(exc_type, _redis_down)
+
+    async def features_version(request: Request) -> str | None:
+        watcher: VersionWatcher = request.app.state.watcher
+        if watcher.versions.get(FEATURES_CHANNEL) is None:  # nothing seen yet: a build may just have finished
+            await watcher.refresh()
+        return watcher.versions.get(FEATURES_CHANNEL)
+
+    @app.get("/users/{user_id}", summary="Merged user features (batch record + real-time events)")
+    async def get_user(user_id: str, request: Request) -> Response:
+        version = await features_version(request)
+        [state] = await fetch_user_states(request.app.state.astores, [user_id], version, settings.recent_n)
+        if not state.known:
+            raise RequestError(404, f"unknown user {user_id!r}")
+        return _json(state.features, headers={"X-Features-Version": version or ""})
+
+    @app.get("/items/{item_id}", summary="Item features plus the real-time click counter")
+    async def get_item(item_id: str, request: Request) -> Response:
+        version = await features_version(request)
+        pipe = request.app.state.astores("item_features").pipeline(transaction=False)
+        if version:
+            pipe.get(ks.item_features(version, item_id))
+        pipe.get(ks.realtime_item_clicks(item_id))
+        res = await pipe.execute()
+        batch = unpack_json(res[0]) if version else None
+        rt = int(res[-1] or 0)
+        if batch is None and rt == 0:
+            raise RequestError(404, f"unknown item {item_id!r}")
+        rec = batch or {"item_id": item_id, "clicks": 0, "created_ts": None, "category": None, "attrs": {}}
+        rec["clicks"] = int(rec.get("clicks", 0)) + rt
+        rec["realtime_clicks"] = rt
+        return _json(rec, headers={"X-Features-Version": version or ""})
+
+    async def read_body(request: Request) -> bytes:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_body:
+            metrics.events_rejected.labels("too_large").inc()
+            raise RequestError(413, f"request body of {int(length)} bytes exceeds the limit of {max_body} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body:
+                metrics.events_rejected.labels("too_large").inc()
+                raise RequestError(413, f"request body exceeds the limit of {max_body} bytes")
+        return bytes(body)
+
+    @app.post("/events", summary="Record click events (atomic per batch)",
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
+                  "oneOf": [{"type": "array", "items": {"$ref": "#/components/schemas/Event"}},
+                            {"$ref": "#/components/schemas/EventsBody"}]}}}}})
+    async def post_events(request: Request) -> Response:
+        body = await read_body(request)
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            metrics.events_rejected.labels("invalid").inc()
+            raise RequestError(422, f"body is not valid JSON: {exc}") from None
+        if isinstance(payload, dict) and set(payload) == {"events"}:
+            payload = payload["events"]
+        if not isinstance(payload, list):
+            metrics.events_rejected.labels("invalid").inc()
+            raise RequestError(422, 'body must be a JSON list of events or {"events": [...]}')
+        if len(payload) > settings.max_event_batch:
+            metrics.events_rejected.labels("too_large").inc()
+            raise RequestError(413, f"batch of {len(payload)} events exceeds max_event_batch={settings.max_event_batch}")
+        try:
+            events = EVENTS.validate_python(payload)
+        except ValidationError as exc:
+            metrics.events_rejected.labels("invalid").inc()
+            errors = format_errors(exc)
+            raise RequestError(422, "; ".join(errors), errors=errors) from None
+        if not events:
+            return _json({"accepted": 0})
+        now = int(time.time())
+        rows = sorted(((e.timestamp if e.timestamp is not None else now), j) for j, e in enumerate(events))
+        keys: list[str] = []
+        args: list[Any] = [len(events), settings.recent_n, item_db_arg]
+        for ts, j in rows:  # oldest first, so the newest ends up at the head of each recent list
+            e = events[j]
+            keys += [ks.realtime_recent(e.user_id), ks.realtime_counters(e.user_id), ks.realtime_item_clicks(e.item_id)]
+            args += [pack_json([e.item_id, ts, e.environment, e.region]), ts, e.environment or "", e.region or ""]
+        await request.app.state.events_script(keys=keys, args=args)
+        metrics.events_accepted.inc(len(events))
+        return _json({"accepted": len(events)})
+
+    @app.get("/healthz", summary="Liveness + Redis reachability + current features version")
+    async def healthz(request: Request) -> Response:
+        watcher: VersionWatcher = request.app.state.watcher
+        try:
+            await watcher.refresh()
+        except (redis.exceptions.RedisError, ConnectionError, TimeoutError) as exc:
+            metrics.redis_errors.labels("/healthz").inc()
+            return _json({"status": "error",
+                          "redis": f"Redis unavailable at {safe_url(redis_url)}: {type(exc).__name__}: {exc}"}, 503)
+        return _json({"status": "ok", "redis": "ok", "features_version": watcher.versions.get(FEATURES_CHANNEL)})
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    _add_schemas(app)
+    return app
+
+
+def _add_schemas(app: FastAPI) -> None:
+    """Put Event/EventsBody into the OpenAPI components (the /events body is parsed by hand)."""
+    base = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = base()
+        comps = schema.setdefault("components", {}).setdefault("schemas", {})
+        body = EventsBody.model_json_schema(ref_template="#/components/schemas/{model}")
+        comps.update(body.pop("$defs", {}))
+        comps["EventsBody"] = body
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory: settings from the environment."""
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return create_app(settings)

@@ -1,0 +1,280 @@
+"""Batch feature build: user and item feature records from a dataset, published as a new `features` version.
+
+Record formats are those of common/features.py. Everything per interaction is vectorised with pandas/numpy;
+the only Python loop builds one JSON record per user / item from precomputed arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from common.keyspace import FEATURES_CHANNEL, pack_json
+from common.publish import Publisher
+from common.redis_conn import RedisStores
+from common.settings import Settings
+from trainer.data.io import Dataset
+from trainer.data.split import dedupe_pairs, order_interactions
+
+log = logging.getLogger(__name__)
+
+SEEN_CAP = 5000  # distinct clicked items kept in a user record's "seen"
+CREATED_COLUMNS = ("created_at_ts", "created_ts")
+CONTEXT_COLUMNS = ("environment", "region")
+_MISSING_TEXT = ("", "nan", "<NA>", "None", "NaN")
+VERIFY_SAMPLE = 20
+
+
+def _text(s: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(stripped string values as object array, mask of present values); '', 'nan', NA count as missing."""
+    st = s.astype("string").str.strip()
+    ok = (st.notna() & ~st.isin(_MISSING_TEXT)).to_numpy(bool)
+    return st.fillna("").to_numpy(object), ok
+
+
+def _ptr(sorted_codes: np.ndarray, n: int) -> np.ndarray:
+    """Group boundaries of a sorted code array: group g is [ptr[g], ptr[g+1])."""
+    return np.searchsorted(sorted_codes, np.arange(n + 1)).astype(np.int64)
+
+
+def _value_counts(codes: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per (group, value) counts as (group, value, count), ordered by group, count desc, value asc."""
+    vcodes, names = pd.factorize(pd.Series(values, dtype=object), sort=True)
+    if len(names) == 0:
+        return np.empty(0, np.int64), np.empty(0, object), np.empty(0, np.int64)
+    keys, counts = np.unique(codes.astype(np.int64) * len(names) + vcodes, return_counts=True)
+    g, v = keys // len(names), keys % len(names)
+    order = np.lexsort((v, -counts, g))
+    return g[order], np.asarray(names, dtype=object)[v[order]], counts[order]
+
+
+def _mode_per_group(codes: np.ndarray, values: pd.Series, n: int) -> np.ndarray:
+    """Most frequent present value per group code (ties: smallest value); None where a group has none."""
+    vals, ok = _text(values)
+    out = np.full(n, None, dtype=object)
+    g, v, _ = _value_counts(codes[ok], vals[ok])
+    first = np.r_[True, g[1:] != g[:-1]] if len(g) else np.empty(0, bool)
+    out[g[first]] = v[first]
+    return out
+
+
+def _attr_rows(table: pd.DataFrame | None, ids: pd.Index) -> tuple[list[str], list[list[Any]] | None, np.ndarray]:
+    """(columns, JSON-safe row per id or None, mask of ids present in the table)."""
+    if table is None or table.shape[1] == 0:
+        return [], None, np.zeros(len(ids), bool)
+    sub = table.reindex(ids)
+    for c in sub.columns:
+        if pd.api.types.is_datetime64_any_dtype(sub[c]):
+            sub[c] = sub[c].map(lambda t: None if pd.isna(t) else t.isoformat())
+    rows = sub.astype(object).where(sub.notna(), None).to_numpy().tolist()
+    return [str(c) for c in sub.columns], rows, ids.isin(table.index)
+
+
+def primary_category(dataset: Dataset) -> pd.Series | None:
+    """First value of the item category column (multi-valued `a|b` → `a`), indexed by item id; None if no column."""
+    col = dataset.category_column
+    if col is None:
+        return None
+    vals, ok = _text(dataset.items[col].astype("string").str.split("|").str[0])
+    return pd.Series(np.where(ok, vals, None), index=dataset.items.index, dtype=object)
+
+
+@dataclass
+class UserFeatures:
+    """Per-user arrays (index = position in `ids`) from which records are built."""
+
+    ids: pd.Index
+    clicks: np.ndarray
+    first_ts: np.ndarray
+    last_ts: np.ndarray
+    hist_ptr: np.ndarray  # deduplicated history, newest first, grouped by user
+    hist_item: np.ndarray
+    hist_ts: np.ndarray
+    cat_ptr: np.ndarray  # top categories, grouped by user, best first
+    cat_name: np.ndarray
+    cat_n: np.ndarray
+    environment: np.ndarray
+    region: np.ndarray
+    attr_cols: list[str]
+    attr_rows: list[list[Any]] | None
+    has_attrs: np.ndarray
+    recent_n: int
+    top_n: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @cached_property
+    def id_list(self) -> list[str]:
+        return self.ids.tolist()
+
+    def record(self, u: int) -> dict[str, Any]:
+        a, b = self.hist_ptr[u], self.hist_ptr[u + 1]
+        items, ts = self.hist_item[a:b], self.hist_ts[a:b]
+        c0, c1 = self.cat_ptr[u], self.cat_ptr[u + 1]
+        clicks = int(self.clicks[u])
+        return {
+            "user_id": self.id_list[u],
+            "clicks": clicks,
+            "recent": [[i, t] for i, t in zip(items[:self.recent_n].tolist(), ts[:self.recent_n].tolist(), strict=True)],
+            "top_categories": [[c, n] for c, n in zip(self.cat_name[c0:c1].tolist(), self.cat_n[c0:c1].tolist(),
+                                                      strict=True)],
+            "environment": self.environment[u],
+            "region": self.region[u],
+            "first_ts": int(self.first_ts[u]) if clicks else None,
+            "last_ts": int(self.last_ts[u]) if clicks else None,
+            "attrs": dict(zip(self.attr_cols, self.attr_rows[u], strict=True)) if self.has_attrs[u] else {},
+            "seen": items[:SEEN_CAP].tolist(),
+        }
+
+    def records(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        for u in range(len(self.ids)):
+            yield self.id_list[u], self.record(u)
+
+
+def compute_user_features(dataset: Dataset, recent_n: int = 50, top_n: int = 5) -> UserFeatures:
+    """User features of every user with interactions or an attribute row (see common/features.py)."""
+    inter = dataset.interactions
+    user_src = [inter["user_id"]] + ([pd.Series(dataset.users.index)] if dataset.users is not None else [])
+    ids = pd.Index(pd.unique(pd.concat(user_src, ignore_index=True).astype(str)), dtype=object)
+    n = len(ids)
+    codes = ids.get_indexer(inter["user_id"])
+    ts = inter["timestamp"].to_numpy(np.int64)
+
+    # raw interactions: clicks (repeats count), first/last activity, categories, context modes
+    clicks = np.bincount(codes, minlength=n)
+    first_ts = np.full(n, np.iinfo(np.int64).max, np.int64)
+    last_ts = np.full(n, np.iinfo(np.int64).min, np.int64)
+    np.minimum.at(first_ts, codes, ts)
+    np.maximum.at(last_ts, codes, ts)
+
+    cat_ptr, cat_name, cat_n = np.zeros(n + 1, np.int64), np.empty(0, object), np.empty(0, np.int64)
+    primary = primary_category(dataset)
+    if primary is not None:
+        cats = primary.reindex(inter["item_id"]).to_numpy(object)
+        ok = pd.notna(cats)
+        g, name, cnt = _value_counts(codes[ok], cats[ok])
+        ptr = _ptr(g, n)
+        keep = np.arange(len(g)) - ptr[g] < top_n  # rank within the user's group
+        cat_ptr, cat_name, cat_n = _ptr(g[keep], n), name[keep], cnt[keep]
+
+    context = {}
+    for col in CONTEXT_COLUMNS:
+        vals = _mode_per_group(codes, inter[col], n) if col in inter.columns else np.full(n, None, dtype=object)
+        if dataset.users is not None and col in dataset.users.columns:  # fallback: the user attribute
+            attr, ok = _text(dataset.users[col].reindex(ids))
+            fill = pd.isna(vals) & ok
+            vals[fill] = attr[fill]
+        context[col] = vals
+
+    # deduplicated interactions (earliest occurrence of each pair), newest first per user
+    ded = order_interactions(dedupe_pairs(inter[["user_id", "item_id", "timestamp"]]))
+    dcodes = ids.get_indexer(ded["user_id"])[::-1]
+    order = np.argsort(dcodes, kind="stable")
+    hist_item = ded["item_id"].to_numpy(object)[::-1][order]
+    hist_ts = ded["timestamp"].to_numpy(np.int64)[::-1][order]
+    hist_ptr = _ptr(dcodes[order], n)
+
+    attr_cols, attr_rows, has_attrs = _attr_rows(dataset.users, ids)
+    return UserFeatures(ids, clicks, first_ts, last_ts, hist_ptr, hist_item, hist_ts, cat_ptr, cat_name, cat_n,
+                        context["environment"], context["region"], attr_cols, attr_rows, has_attrs, recent_n, top_n)
+
+
+@dataclass
+class ItemFeatures:
+    """Per-item arrays (index = position in `ids`) from which records are built."""
+
+    ids: pd.Index
+    clicks: np.ndarray
+    created_ts: np.ndarray  # object: int or None
+    category: np.ndarray  # object: str or None
+    attr_cols: list[str]
+    attr_rows: list[list[Any]] | None
+    has_attrs: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @cached_property
+    def id_list(self) -> list[str]:
+        return self.ids.tolist()
+
+    def record(self, i: int) -> dict[str, Any]:
+        return {"item_id": self.id_list[i], "clicks": int(self.clicks[i]), "created_ts": self.created_ts[i],
+                "category": self.category[i],
+                "attrs": dict(zip(self.attr_cols, self.attr_rows[i], strict=True)) if self.has_attrs[i] else {}}
+
+    def records(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        for i in range(len(self.ids)):
+            yield self.id_list[i], self.record(i)
+
+
+def compute_item_features(dataset: Dataset) -> ItemFeatures:
+    """Item features of every clicked or listed item: popularity (raw clicks), created time, primary category."""
+    inter, items = dataset.interactions, dataset.items
+    src = [inter["item_id"]] + ([pd.Series(items.index)] if items is not None else [])
+    ids = pd.Index(pd.unique(pd.concat(src, ignore_index=True).astype(str)), dtype=object)
+    clicks = np.bincount(ids.get_indexer(inter["item_id"]), minlength=len(ids))
+    created = np.full(len(ids), None, dtype=object)
+    col = next((c for c in CREATED_COLUMNS if items is not None and c in items.columns), None)
+    if col is not None:
+        s = pd.to_numeric(items[col], errors="coerce").reindex(ids)
+        ok = s.notna().to_numpy()
+        created[ok] = s[ok].astype(np.int64).to_numpy().tolist()
+    primary = primary_category(dataset)
+    category = primary.reindex(ids).to_numpy(object) if primary is not None else np.full(len(ids), None, object)
+    category = np.where(pd.isna(category), None, category)
+    attr_cols, attr_rows, has_attrs = _attr_rows(items, ids)
+    return ItemFeatures(ids, clicks, created, category, attr_cols, attr_rows, has_attrs)
+
+
+def publish_features(stores: RedisStores, dataset: Dataset, settings: Settings, progress: bool = True) -> str:
+    """Compute user and item features and publish them as a new `features` version; returns the version."""
+    ks = stores.keyspace
+    users = compute_user_features(dataset, recent_n=settings.recent_n, top_n=settings.top_categories_n)
+    items = compute_item_features(dataset)
+    pub = Publisher(stores, FEATURES_CHANNEL, grace_s=settings.version_grace_s, pending_ttl_s=settings.pending_ttl_s,
+                    keep=settings.keep_versions)
+    ver = pub.begin()
+    rng = random.Random(0)
+    checks: list[tuple[str, str, bytes]] = []  # (store, key, expected value) spot checks for verify
+
+    def packed(store: str, keyf, table) -> Iterator[tuple[str, bytes]]:
+        sample = set(rng.sample(range(len(table)), min(VERIFY_SAMPLE, len(table))))
+        for j, (ext, rec) in enumerate(table.records()):
+            key, value = keyf(ver, ext), pack_json(rec)
+            if j in sample:
+                checks.append((store, key, value))
+            yield key, value
+
+    counts = {}
+    for store, keyf, table, what in (("user_features", ks.user_features, users, "users"),
+                                     ("item_features", ks.item_features, items, "items")):
+        with tqdm(total=len(table), desc=f"publish features: {what}", unit=what[:-1], disable=not progress,
+                  leave=False) as bar:
+            counts[what] = pub.write(store, packed(store, keyf, table), progress=bar.update)
+        if counts[what] != len(table):
+            raise RuntimeError(f"wrote {counts[what]} {what} records, expected {len(table)}")
+
+    def verify() -> None:
+        for store, key, expected in checks:
+            got = stores(store).get(key)
+            if got is None:
+                raise RuntimeError(f"key {key!r} missing in store {store!r}")
+            if got != expected:
+                raise RuntimeError(f"key {key!r} in store {store!r} does not hold the record written")
+
+    manifest = {"n_users": counts["users"], "n_items": counts["items"], "n_interactions": len(dataset.interactions),
+                "recent_n": settings.recent_n, "top_categories_n": settings.top_categories_n, "seen_cap": SEEN_CAP,
+                "dataset": dataset.name, "category_column": dataset.category_column}
+    version = pub.commit(manifest, verify=verify)
+    log.info("features version %s: %d users, %d items", version, counts["users"], counts["items"])
+    return version

@@ -101,10 +101,12 @@ def parse_timestamps(path: Path, column: str, s: pd.Series) -> np.ndarray:
             arr = arr / 1000.0
         return np.floor(arr).astype(np.int64)
     dt = pd.to_datetime(s.astype(str), errors="coerce", utc=True, format="mixed")
-    bad = dt.isna().to_numpy()
+    # a mostly numeric column is numeric: its first non-number is the bad row (not its first number)
+    bad = (num.isna() if num.notna().sum() > dt.notna().sum() else dt.isna()).to_numpy()
     if bad.any():
         raise _first_bad(path, column, bad, s, "unparsable timestamp")
-    return (dt.astype("int64") // 10**9).to_numpy(dtype=np.int64)
+    # resolution-independent (pandas may parse to s, ms, us or ns units)
+    return ((dt - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(dtype=np.int64)
 
 
 def _attributes(path: Path, df: pd.DataFrame, id_col: str) -> pd.DataFrame:

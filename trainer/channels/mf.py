@@ -1,0 +1,225 @@
+"""Matrix factorisation: implicit-feedback ALS (implicit's solver) or FunkSVD with biases (torch SGD).
+
+Emits u2i vectors (score = <user, item>) and i2i cosine neighbour lists built from the item factors
+with an exact faiss search. See docs/channels.md ("MF") for the objectives and the tuned parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Literal
+
+import faiss
+import numpy as np
+import scipy.sparse as sp
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
+
+from trainer.channels.base import Artifacts, Channel, NeighborArtifact, VectorArtifact
+from trainer.data.train_data import TrainData
+
+log = logging.getLogger(__name__)
+
+# Tuned on the ml-100k validation split (ALS) / the classic FunkSVD setting.
+DEFAULT_REG = {"als": 40.0, "funksvd": 0.05}
+# Query rows per faiss search call (bounds the [rows, k] result buffers and paces the progress bar).
+SEARCH_BATCH = 4096
+# Above this many rows the all-pairs exact search (O(n²·d)) gives way to an HNSW index.
+EXACT_MAX_ROWS = 200_000
+
+
+def cosine_neighbors(vectors: np.ndarray, k: int, valid: np.ndarray | None = None, progress: bool = False,
+                     desc: str = "neighbours", exact_max_rows: int = EXACT_MAX_ROWS) -> NeighborArtifact:
+    """Top-k cosine neighbours of every row among all valid rows, self excluded: exact faiss IndexFlatIP
+    over normalised vectors (HNSW, efSearch ≥ 2(k+1), beyond `exact_max_rows` rows).
+
+    Rows that are invalid or all-zero get no list (all -1); short rows are -1/0 padded.
+    """
+    x = np.array(vectors, dtype=np.float32, order="C", copy=True)
+    n, d = x.shape
+    norms = np.linalg.norm(x, axis=1)
+    ok = norms > 0
+    if valid is not None:
+        ok &= np.asarray(valid, bool)
+    x[ok] /= norms[ok, None]
+    rows = np.flatnonzero(ok)
+    nb = np.full((n, k), -1, np.int32)
+    sc = np.zeros((n, k), np.float32)
+    if len(rows) < 2 or k < 1:
+        return NeighborArtifact(nb, sc)
+    kk = min(k + 1, len(rows))
+    if len(rows) > exact_max_rows:
+        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 200
+        index.hnsw.efSearch = max(256, 2 * kk)  # faiss does not raise efSearch to k (PERFORMANCE_NOTES.md)
+    else:
+        index = faiss.IndexFlatIP(d)
+    index.add(x[rows])
+    starts = range(0, len(rows), SEARCH_BATCH)
+    for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
+        q = rows[s:s + SEARCH_BATCH]
+        dist, loc = index.search(x[q], kk)
+        ids = np.where(loc >= 0, rows[np.clip(loc, 0, None)], -1)
+        drop = (ids == q[:, None]) | (ids < 0)
+        # stable: kept neighbours first in faiss order, then the dropped slots
+        order = np.argsort(drop, axis=1, kind="stable")[:, :k]
+        ids = np.take_along_axis(ids, order, axis=1)
+        dist = np.take_along_axis(dist, order, axis=1)
+        dropped = np.take_along_axis(drop, order, axis=1)
+        ids[dropped], dist[dropped] = -1, 0.0
+        m = ids.shape[1]
+        nb[q, :m], sc[q, :m] = ids, dist
+    return NeighborArtifact(nb, sc)
+
+
+def recency_weights(data: TrainData, halflife: float) -> np.ndarray:
+    """Per interaction: 0.5 ** (position counted back from the user's latest interaction / halflife)."""
+    lengths = np.diff(data.user_ptr)
+    from_end = np.repeat(data.user_ptr[1:], lengths) - 1 - np.arange(len(data.user_idx))
+    return np.power(0.5, from_end / halflife)
+
+
+class MFParams(BaseModel):
+    """MF hyper-parameters; ALS defaults were tuned on the ml-100k validation split (PROTOCOL.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    algorithm: Literal["als", "funksvd"] = Field("als", description="implicit ALS or explicit FunkSVD with biases")
+    factors: int = Field(64, ge=1, le=1024, description="latent dimensions")
+    regularization: float | None = Field(None, ge=0, description="L2 weight (ALS: λ; FunkSVD: on p_u, q_i per "
+                                                                "rating); None = 40 for ALS, 0.05 for FunkSVD")
+    iterations: int = Field(30, ge=1, le=1000, description="ALS sweeps / FunkSVD epochs")
+    # ALS
+    alpha: float = Field(1.0, gt=0, description="ALS: confidence = alpha · weight of each interaction")
+    recency_boost: float = Field(32.0, ge=0, description="ALS: weight = 1 + boost · 0.5^(steps back from latest / halflife)")
+    recency_halflife: float = Field(5.0, gt=0, description="ALS: half-life of the recency boost, in interactions")
+    num_threads: int = Field(0, ge=0, le=256, description="ALS: OpenMP threads (0 = all cores); BLAS stays at 1")
+    # FunkSVD
+    lr: float = Field(0.01, gt=0, description="FunkSVD: SGD step (gradients summed over a mini-batch)")
+    bias_regularization: float = Field(0.02, ge=0, description="FunkSVD: L2 weight on b_u, b_i")
+    batch_size: int = Field(1024, ge=1, description="FunkSVD: ratings per SGD step")
+    init_std: float = Field(0.1, gt=0, description="FunkSVD: std of the initial factors")
+    negatives: int | None = Field(None, ge=0, le=100,
+                                  description="FunkSVD: unobserved items per rating, target `negative_rating`; "
+                                              "None = 0 with ratings, 4 without")
+    negative_rating: float = Field(0.0, description="FunkSVD: target of sampled negatives")
+    # output
+    i2i_k: int = Field(200, ge=1, le=2000, description="neighbours kept per item in the i2i lists")
+
+
+class MF(Channel):
+    """Implicit ALS (default) or FunkSVD; emits u2i vectors and i2i cosine lists from the item factors."""
+
+    model = "mf"
+    kinds = ("u2i", "i2i")
+    Params = MFParams
+
+    def fit(self, data: TrainData, progress: bool = False) -> None:
+        p: MFParams = self.params
+        t0 = time.perf_counter()
+        self.metrics: dict[str, float] = {}
+        if p.algorithm == "als":
+            self._fit_als(data, progress)
+        else:
+            self._fit_funksvd(data, progress)
+        # items without training interactions get a zero vector (score 0) and no i2i list; nobody's neighbour
+        self.trained_items = data.item_counts > 0
+        self.item_vectors[~self.trained_items] = 0.0
+        self.metrics["fit_s"] = time.perf_counter() - t0
+        self._artifacts = None
+        log.info("mf[%s] fitted in %.2fs: %d users × %d items, %d factors", p.algorithm, self.metrics["fit_s"],
+                 data.n_users, data.n_items, p.factors)
+
+    def _fit_als(self, data: TrainData, progress: bool) -> None:
+        from implicit.cpu.als import AlternatingLeastSquares
+
+        p: MFParams = self.params
+        w = np.ones(len(data.user_idx), np.float64)
+        if p.recency_boost > 0:
+            w += p.recency_boost * recency_weights(data, p.recency_halflife)
+        conf = sp.csr_matrix(((p.alpha * w).astype(np.float32), (data.user_idx, data.item_idx)),
+                             shape=(data.n_users, data.n_items))
+        conf.sum_duplicates()
+        # PROTOCOL.md: the library's own OpenMP loops use the cores, BLAS is limited to one thread
+        with threadpool_limits(1, "blas"):
+            reg = DEFAULT_REG["als"] if p.regularization is None else p.regularization
+            als = AlternatingLeastSquares(factors=p.factors, regularization=reg, alpha=1.0,
+                                          iterations=p.iterations, num_threads=p.num_threads,
+                                          random_state=self.seed)
+            als.fit(conf, show_progress=progress)
+        self.factor_item = np.ascontiguousarray(als.item_factors, np.float32)
+        self.item_vectors = self.factor_item.copy()
+        self.user_vectors = np.ascontiguousarray(als.user_factors, np.float32)
+
+    def _fit_funksvd(self, data: TrainData, progress: bool) -> None:
+        p: MFParams = self.params
+        rng = np.random.default_rng(self.seed)
+        gen = torch.Generator().manual_seed(self.seed)
+        has_rating = data.rating is not None
+        n_neg = p.negatives if p.negatives is not None else (0 if has_rating else 4)
+        if not has_rating and n_neg == 0:
+            raise ValueError("mf funksvd: the data has no 'rating' column and params.negatives is 0; "
+                             "set params.negatives > 0 to learn from clicks vs sampled negatives")
+        u_pos = data.user_idx.astype(np.int64)
+        i_pos = data.item_idx.astype(np.int64)
+        r_pos = data.rating.astype(np.float32) if has_rating else np.ones(len(u_pos), np.float32)
+        mu = float(r_pos.mean()) if n_neg == 0 else float(
+            (r_pos.sum() + n_neg * len(r_pos) * p.negative_rating) / (len(r_pos) * (1 + n_neg)))
+        k = p.factors
+        P = torch.randn(data.n_users, k, generator=gen) * p.init_std
+        Q = torch.randn(data.n_items, k, generator=gen) * p.init_std
+        bu = torch.zeros(data.n_users)
+        bi = torch.zeros(data.n_items)
+        reg = DEFAULT_REG["funksvd"] if p.regularization is None else p.regularization
+        lr, breg = p.lr, p.bias_regularization
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # index_add_ accumulation order is deterministic on one thread
+        try:
+            bar = tqdm(range(p.iterations), desc="mf funksvd", disable=not progress, leave=False)
+            for _ in bar:
+                if n_neg:
+                    u_neg = np.repeat(u_pos, n_neg)
+                    i_neg = rng.integers(0, data.n_items, len(u_neg))
+                    u_all = np.concatenate([u_pos, u_neg])
+                    i_all = np.concatenate([i_pos, i_neg])
+                    r_all = np.concatenate([r_pos, np.full(len(u_neg), p.negative_rating, np.float32)])
+                else:
+                    u_all, i_all, r_all = u_pos, i_pos, r_pos
+                order = rng.permutation(len(u_all))
+                Us, Is, Rs = (torch.from_numpy(a[order]) for a in (u_all, i_all, r_all))
+                sse = 0.0
+                for s in range(0, len(order), p.batch_size):
+                    u, i, r = Us[s:s + p.batch_size], Is[s:s + p.batch_size], Rs[s:s + p.batch_size]
+                    pu, qi = P[u], Q[i]
+                    err = r - (mu + bu[u] + bi[i] + (pu * qi).sum(1))
+                    sse += float((err * err).sum())
+                    # summed per-rating SGD steps (classic FunkSVD, one mini-batch at a time)
+                    bu.index_add_(0, u, lr * (err - breg * bu[u]))
+                    bi.index_add_(0, i, lr * (err - breg * bi[i]))
+                    P.index_add_(0, u, lr * (err[:, None] * qi - reg * pu))
+                    Q.index_add_(0, i, lr * (err[:, None] * pu - reg * qi))
+                rmse = (sse / len(order)) ** 0.5
+                bar.set_postfix(rmse=f"{rmse:.4f}")
+        finally:
+            torch.set_num_threads(threads)
+        self.metrics["train_rmse"] = rmse
+        self.mu, self.user_bias, self.item_bias = mu, bu.numpy().copy(), bi.numpy().copy()
+        self.factor_item = Q.numpy().astype(np.float32)
+        # <[p_u, 1, μ + b_u], [q_i, b_i, 1]> = μ + b_u + b_i + p_u·q_i, the predicted rating
+        ones_u, ones_i = np.ones((data.n_users, 1), np.float32), np.ones((data.n_items, 1), np.float32)
+        self.user_vectors = np.hstack([P.numpy(), ones_u, (mu + self.user_bias)[:, None]]).astype(np.float32)
+        self.item_vectors = np.hstack([self.factor_item, self.item_bias[:, None], ones_i]).astype(np.float32)
+
+    def predict(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Model score of (user, item) pairs: the inner product of their vectors (FunkSVD: the rating)."""
+        return np.einsum("ij,ij->i", self.user_vectors[users], self.item_vectors[items])
+
+    def build_artifacts(self, data: TrainData) -> Artifacts:
+        if not hasattr(self, "item_vectors"):
+            raise RuntimeError("mf: call fit() before build_artifacts()")
+        p: MFParams = self.params
+        i2i = cosine_neighbors(self.factor_item, p.i2i_k, valid=self.trained_items, desc="mf i2i")
+        return {"u2i": VectorArtifact(item_vectors=self.item_vectors, user_vectors=self.user_vectors),
+                "i2i": i2i}

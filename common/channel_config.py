@@ -30,6 +30,18 @@ class ServeParams(BaseModel):
     lists: list[str] = Field(default_factory=lambda: ["global"], description="list: which lists to serve, in order")
 
 
+class IndexParams(BaseModel):
+    """u2i: the faiss index the vector server builds over the channel's item vectors."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["hnsw", "ivf", "flat"] = Field("hnsw", description="hnsw (default), ivf (IndexIVFFlat) or flat (exact)")
+    M: int = Field(32, ge=4, le=256, description="hnsw: graph degree")
+    ef_construction: int = Field(200, ge=8, le=4096, description="hnsw: build-time beam width")
+    ef_search: int = Field(256, ge=1, le=100_000, description="hnsw: search beam width (raised to k + excluded when larger)")
+    nlist: int | None = Field(None, ge=1, description="ivf: number of lists (default 4·sqrt(n))")
+    nprobe: int = Field(16, ge=1, description="ivf: lists visited per query")
+
+
 class ChannelSpec(BaseModel):
     """One channel entry."""
 
@@ -44,6 +56,7 @@ class ChannelSpec(BaseModel):
     timeout_ms: float = Field(80.0, gt=0, le=10_000)
     store: str | None = Field(None, description="Redis store for neighbour lists (default by model)")
     serve: ServeParams = Field(default_factory=ServeParams)
+    index: IndexParams = Field(default_factory=IndexParams, description="u2i: vector server index settings")
     params: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     max_event_batch: int = Field(default=1000, description="Largest accepted POST /events batch (413 above).")
     max_k: int = Field(default=1000, description="Largest k accepted by /recall and /search.")
     omp_threads: int = Field(default=1, description="OpenMP threads for faiss/torch in the services.")
+    vector_poll_s: float = Field(default=1.0, gt=0, description="Vector server: how often `current` pointers and id maps are polled.")
+    vector_load_timeout_s: float = Field(default=30.0, gt=0, description="Vector server: Redis socket timeout while loading a version.")
     log_level: str = "info"
     access_log: bool = Field(default=False, description="uvicorn access log (costs ~20% at high rates).")
 

@@ -1,0 +1,430 @@
+"""The vector server: faiss top-k per u2i channel, user vectors computed at request time by the channel's tower.
+
+Endpoints: POST /search, GET /healthz, GET /metrics. See docs/vector_server.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+import orjson
+import redis.exceptions
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from common.channel_config import ChannelSpec, load_config
+from common.features import UserState, fetch_user_states
+from common.keyspace import FEATURES_CHANNEL, Keyspace
+from common.redis_conn import AsyncRedisStores, RedisStores
+from common.settings import Settings, get_settings
+from common.versions import VersionWatcher
+from services.vector_server.index import Bundle, IdMaps, load_bundle, load_id_maps, unpack_user_vector
+
+log = logging.getLogger("vector_server")
+
+REDIS_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
+LATENCY_BUCKETS = (0.0002, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1,
+                   0.25, 1.0)
+
+
+class HTTPError(Exception):
+    """Turned into a JSON {"detail": ...} response with `status`."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def json_response(obj: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
+                    media_type="application/json")
+
+
+@dataclass
+class SearchRequest:
+    channel: str
+    k: int
+    vector: list | None
+    user_id: str | None
+    exclude: list[str]
+    recent: list[str] | None
+    exclude_seen: bool
+
+
+def _id_list(body: dict, name: str) -> list[str] | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if not isinstance(v, list) or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in v):
+        raise HTTPError(422, f"field '{name}' must be a list of item ids (strings or integers)")
+    return [str(x) for x in v]
+
+
+def parse_search(raw: bytes, max_k: int) -> SearchRequest:
+    """Validate a /search body; every failure names the field."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise HTTPError(422, f"body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise HTTPError(422, "body must be a JSON object with 'channel', 'k' and one of 'vector' / 'user_id'")
+    unknown = sorted(set(body) - {"channel", "k", "vector", "user_id", "exclude", "recent", "exclude_seen"})
+    if unknown:
+        raise HTTPError(422, f"unknown field(s) {unknown}; allowed: channel, k, vector, user_id, exclude, recent, "
+                             "exclude_seen")
+    channel = body.get("channel")
+    if not isinstance(channel, str) or not channel:
+        raise HTTPError(422, "field 'channel' is required and must be a non-empty string")
+    k = body.get("k")
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= max_k:
+        raise HTTPError(422, f"field 'k' must be an integer between 1 and {max_k}, got {k!r}")
+    vector, user_id = body.get("vector"), body.get("user_id")
+    if (vector is None) == (user_id is None):
+        raise HTTPError(422, "exactly one of 'vector' or 'user_id' must be given")
+    if user_id is not None:
+        if isinstance(user_id, bool) or not isinstance(user_id, (str, int)) or user_id == "":
+            raise HTTPError(422, "field 'user_id' must be a non-empty string")
+        user_id = str(user_id)
+    if vector is not None and not isinstance(vector, list):
+        raise HTTPError(422, "field 'vector' must be a list of numbers")
+    exclude_seen = body.get("exclude_seen", False)
+    if not isinstance(exclude_seen, bool):
+        raise HTTPError(422, "field 'exclude_seen' must be a boolean")
+    recent = _id_list(body, "recent")
+    if recent is not None and vector is not None:
+        raise HTTPError(422, "field 'recent' only applies to a 'user_id' search")
+    return SearchRequest(channel, k, vector, user_id, _id_list(body, "exclude") or [], recent, exclude_seen)
+
+
+class Metrics:
+    """Prometheus metrics of one app instance (own registry, so several apps can live in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.search_seconds = Histogram("vector_search_seconds", "POST /search latency (successful requests)",
+                                        ["channel", "source"], buckets=LATENCY_BUCKETS, registry=r)
+        self.errors = Counter("vector_search_errors_total", "POST /search answered with an error status",
+                              ["channel", "status"], registry=r)
+        self.index_items = Gauge("vector_index_items", "vectors in the serving index", ["channel"], registry=r)
+        self.index_dim = Gauge("vector_index_dim", "dimension of the serving index", ["channel"], registry=r)
+        self.version = Gauge("vector_channel_version_info", "serving version (value 1)", ["channel", "version"],
+                             registry=r)
+        self.swaps = Counter("vector_swaps_total", "index swaps (new version now serving)", ["channel"], registry=r)
+        self.load_seconds = Gauge("vector_load_seconds", "duration of the last successful load", ["channel"],
+                                  registry=r)
+        self.load_errors = Counter("vector_load_errors_total", "failed version loads", ["channel"], registry=r)
+
+
+class VectorService:
+    """State of the server: channel specs, the serving bundles, id maps and the version watcher."""
+
+    def __init__(self, settings: Settings, poll_s: float | None = None):
+        self.settings = settings
+        self.poll_s = poll_s or settings.vector_poll_s
+        if not settings.redis_url:
+            raise SystemExit("REDIS_URL is not set: the vector server reads published channels from Redis")
+        cfg = load_config(settings.channels_config)
+        self.specs: dict[str, ChannelSpec] = {c.name: c for c in cfg.channels if c.kind == "u2i" and c.enabled}
+        self.known = sorted(self.specs)
+        # a `from:` channel may also be asked for by its publisher's name (what the recall server sends)
+        self.alias = {s.publisher: n for n, s in self.specs.items() if s.publisher not in self.specs}
+        self.ks = Keyspace.from_settings(settings)
+        self.astores = AsyncRedisStores(settings.redis_url, self.ks, timeout_s=settings.redis_timeout_s)
+        self.stores = RedisStores(settings.redis_url, self.ks, socket_timeout=settings.vector_load_timeout_s,
+                                  socket_connect_timeout=settings.redis_timeout_s)
+        self.bundles: dict[str, Bundle] = {}
+        self.maps: IdMaps = IdMaps.empty()
+        self.metrics = Metrics()
+        self.target: dict[str, str | None] = {}
+        self.load_error: dict[str, str] = {}
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._bg: list[asyncio.Task] = []
+        publishers = sorted({s.publisher for s in self.specs.values()})
+        self.watcher = VersionWatcher(self.astores, [*publishers, FEATURES_CHANNEL], self.poll_s, self._on_change)
+
+    # -- loading and swapping -------------------------------------------------------------------
+    def _on_change(self, publisher: str, old: str | None, new: str | None) -> None:
+        for name, spec in self.specs.items():
+            if spec.publisher == publisher:
+                self.target[name] = new
+                task = self._tasks.get(name)
+                if task is None or task.done():
+                    self._tasks[name] = asyncio.create_task(self._load_loop(name))
+
+    async def _load_loop(self, name: str) -> None:
+        """Bring channel `name` to its target version; retries (backing off) while the old bundle serves."""
+        failures = 0
+        while True:
+            target, current = self.target.get(name), self.bundles.get(name)
+            if target is None:
+                if current is not None:
+                    log.warning("channel %s: `current` pointer gone; no longer serving version %s", name,
+                                current.version)
+                    self._drop(name)
+                return
+            if current is not None and current.version == target:
+                return
+            try:
+                bundle = await asyncio.to_thread(load_bundle, self.stores, self.specs[name], target, self.maps)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                msg = f"{type(exc).__name__}: {exc}"
+                self.load_error[name] = f"version {target}: {msg}"
+                self.metrics.load_errors.labels(name).inc()
+                delay = min(60.0, max(self.poll_s, 1.0) * 2 ** min(failures, 6))
+                failures += 1
+                log.error("channel %s: loading version %s failed (%s); retrying in %.0fs", name, target, msg, delay)
+                await asyncio.sleep(delay)
+                continue
+            self._swap(name, bundle)
+
+    def _swap(self, name: str, bundle: Bundle) -> None:
+        old = self.bundles.get(name)
+        self.bundles[name] = bundle  # the swap: one reference assignment; requests hold the bundle they took
+        self.load_error.pop(name, None)
+        m = self.metrics
+        if old is not None:
+            m.version.remove(name, old.version)
+        m.version.labels(name, bundle.version).set(1)
+        m.index_items.labels(name).set(bundle.n_indexed)
+        m.index_dim.labels(name).set(bundle.dim)
+        m.load_seconds.labels(name).set(bundle.load_s)
+        m.swaps.labels(name).inc()
+        log.info("channel %s: serving version %s (%d vectors, d=%d, %s, tower=%s) loaded in %.2fs", name,
+                 bundle.version, bundle.n_indexed, bundle.dim, bundle.index_desc, bundle.tower is not None,
+                 bundle.load_s)
+        # the old bundle is freed by reference counting once the requests holding it finish
+
+    def _drop(self, name: str) -> None:
+        old = self.bundles.pop(name, None)
+        if old is not None:
+            self.metrics.version.remove(name, old.version)
+            self.metrics.index_items.labels(name).set(0)
+
+    async def _refresh_maps(self) -> IdMaps:
+        self.maps = await asyncio.to_thread(load_id_maps, self.stores)
+        return self.maps
+
+    async def _maps_loop(self) -> None:
+        """Reload the id maps when their published length changes (append-only maps)."""
+        ks = self.ks
+        while True:
+            try:
+                n_item, n_user = await self.astores("meta").mget([ks.id_map_len("item"), ks.id_map_len("user")])
+                if int(n_item or 0) != self.maps.n_item or int(n_user or 0) != self.maps.n_user:
+                    await self._refresh_maps()
+                    log.info("id maps reloaded: %d items, %d users", len(self.maps.item), len(self.maps.user))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis down: keep the maps we have
+                log.warning("id map refresh failed: %s: %s", type(exc).__name__, exc)
+            await asyncio.sleep(self.poll_s)
+
+    async def start(self) -> None:
+        try:
+            await self._refresh_maps()
+        except Exception as exc:
+            log.warning("id maps not loaded at start-up (%s: %s); retrying in the background", type(exc).__name__, exc)
+        await self.watcher.start()
+        self._bg.append(asyncio.create_task(self._maps_loop()))
+
+    async def stop(self) -> None:
+        """Cancel the background tasks and close Redis; bounded, so shutdown never hangs on a stuck command."""
+        tasks = [*self._bg, *self._tasks.values()]
+        for t in tasks:
+            t.cancel()
+        # a redis-py command cancelled mid-flight can take long to unwind: wait a little, never forever
+        stopping = [asyncio.ensure_future(self.watcher.stop()), *tasks]
+        await asyncio.wait(stopping, timeout=2.0)
+        await asyncio.wait([asyncio.ensure_future(self.astores.close())], timeout=2.0)
+        self.stores.close()
+
+    # -- requests -----------------------------------------------------------------------------
+    def bundle_for(self, channel: str) -> Bundle:
+        b = self.bundles.get(channel)
+        if b is not None:
+            return b
+        if channel in self.alias:
+            return self.bundle_for(self.alias[channel])
+        if channel not in self.specs:
+            raise HTTPError(422, f"field 'channel': unknown channel {channel!r}; known u2i channels: {self.known}")
+        why = self.load_error.get(channel)
+        target = self.target.get(channel)
+        if why:
+            detail = f"channel {channel!r} is not loaded: {why}"
+        elif target:
+            detail = f"channel {channel!r} is loading version {target}; retry shortly"
+        else:
+            detail = f"channel {channel!r} has no published version yet"
+        raise HTTPError(503, detail)
+
+    async def user_vector(self, b: Bundle, req: SearchRequest, maps: IdMaps) -> tuple[np.ndarray, str, UserState | None]:
+        """The user's vector (tower from current features, else precomputed) and its source; 404 if none."""
+        user_id = req.user_id
+        state: UserState | None = None
+        if b.tower is not None or req.exclude_seen:
+            recent_n = max(b.recent_n, self.settings.recent_n if req.exclude_seen else 1)
+            try:
+                [state] = await fetch_user_states(self.astores, [user_id],
+                                                  self.watcher.versions.get(FEATURES_CHANNEL), recent_n)
+            except (orjson.JSONDecodeError, ValueError, TypeError, IndexError) as exc:
+                raise HTTPError(503, f"user state of {user_id!r} in Redis is unreadable: {type(exc).__name__}: "
+                                     f"{exc}") from None
+        if b.tower is not None:
+            recent = req.recent if req.recent is not None else state.recent_items
+            attrs = state.features.get("attrs") or {}
+            try:
+                vec = b.tower_vector(maps.user.get(user_id), attrs, maps.item_indices(recent))
+            except Exception as exc:
+                raise HTTPError(503, f"user tower of channel {b.channel!r} failed: {type(exc).__name__}: {exc}") from exc
+            if np.isfinite(vec).all() and np.any(vec):
+                return vec, "tower", state
+        value = await self.astores("user_emb").get(self.ks.user_vector(b.publisher, b.version, user_id))
+        vec = unpack_user_vector(value, b.dim)
+        if vec is not None:
+            return vec, "precomputed", state
+        raise HTTPError(404, f"no vector for user {user_id!r} in channel {b.channel!r}")
+
+    async def search(self, req: SearchRequest) -> tuple[dict[str, Any], str]:
+        b = self.bundle_for(req.channel)
+        maps = b.maps or self.maps
+        state = None
+        if req.vector is not None:
+            try:
+                q = np.asarray(req.vector, dtype=np.float32)
+            except (ValueError, TypeError):
+                raise HTTPError(422, "field 'vector' must be a list of numbers") from None
+            if q.ndim != 1 or len(q) != b.dim:
+                raise HTTPError(422, f"field 'vector' has dimension {len(req.vector)}; channel {req.channel!r} "
+                                     f"expects d={b.dim}")
+            if not np.isfinite(q).all():
+                raise HTTPError(422, "field 'vector' contains NaN or infinite values")
+            source = "vector"
+        else:
+            try:
+                q, source, state = await self.user_vector(b, req, maps)
+            except REDIS_ERRORS as exc:
+                raise HTTPError(503, f"Redis unavailable while reading user {req.user_id!r}: "
+                                     f"{type(exc).__name__}: {exc}") from None
+        excl = req.exclude
+        if req.exclude_seen and state is not None and state.seen:
+            excl = [*excl, *state.seen]
+        exclude = np.asarray(maps.item_indices(excl), dtype=np.int64) if excl else None
+        ids, scores = b.search(q, req.k, exclude)
+        return {"channel": req.channel, "version": b.version, "source": source, "ids": ids,
+                "item_ids": maps.external_items(ids), "scores": scores}, source
+
+    async def health(self) -> tuple[int, dict[str, Any]]:
+        channels = {n: b.describe() for n, b in self.bundles.items()}
+        not_loaded = {n: self.load_error.get(n) or ("loading " + str(self.target[n]) if self.target.get(n)
+                                                     else "no published version") for n in self.specs
+                      if n not in self.bundles}
+        body: dict[str, Any] = {"status": "ok", "channels": channels, "not_loaded": not_loaded,
+                                "features_version": self.watcher.versions.get(FEATURES_CHANNEL)}
+        try:
+            await self.astores("meta").ping()
+        except REDIS_ERRORS as exc:
+            body.update(status="unavailable", detail=f"Redis unreachable: {type(exc).__name__}: {exc}")
+            return 503, body
+        return 200, body
+
+
+def configure_threads(n: int) -> None:
+    """One OpenMP/torch thread per worker: the server is CPU-bound per request; threads only contend."""
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    faiss.omp_set_num_threads(n)
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set in this process
+        pass
+
+
+def create_app(settings: Settings | None = None, poll_s: float | None = None) -> FastAPI:
+    """The FastAPI app; channels come from `settings.channels_config` (enabled u2i entries)."""
+    settings = settings or get_settings()
+    configure_threads(settings.omp_threads)
+    svc = VectorService(settings, poll_s)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await svc.start()
+        gc.collect()
+        gc.freeze()  # start-up objects never need scanning again; keeps GC pauses out of p99
+        yield
+        await svc.stop()
+
+    app = FastAPI(title="vector_server", version="1", lifespan=lifespan,
+                  description="faiss top-k over u2i channels; user vectors from the channel's user tower.")
+    app.state.service = svc
+    metrics = svc.metrics
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(request: Request, exc: HTTPError) -> Response:
+        return json_response({"detail": exc.detail}, exc.status)
+
+    search_schema = {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["channel", "k"],
+            "properties": {
+                "channel": {"type": "string"}, "k": {"type": "integer", "minimum": 1, "maximum": settings.max_k},
+                "vector": {"type": "array", "items": {"type": "number"}}, "user_id": {"type": "string"},
+                "exclude": {"type": "array", "items": {"type": "string"}},
+                "recent": {"type": "array", "items": {"type": "string"}}, "exclude_seen": {"type": "boolean"}}}}}}}
+
+    @app.post("/search", openapi_extra=search_schema)
+    async def search(request: Request) -> Response:
+        """Top-k items of a channel for a vector or a user (exactly one)."""
+        t0 = time.perf_counter()
+        channel = "?"
+        try:
+            req = parse_search(await request.body(), settings.max_k)
+            channel = req.channel if req.channel in svc.specs else svc.alias.get(req.channel, "_unknown")
+            out, source = await svc.search(req)
+        except HTTPError as exc:
+            metrics.errors.labels(channel, str(exc.status)).inc()
+            return json_response({"detail": exc.detail}, exc.status)
+        except Exception as exc:  # a bug, not the client's fault: say so without a bare 500 page
+            log.exception("search failed")
+            metrics.errors.labels(channel, "500").inc()
+            return json_response({"detail": f"internal error: {type(exc).__name__}: {exc}"}, 500)
+        resp = json_response(out)
+        metrics.search_seconds.labels(channel, source).observe(time.perf_counter() - t0)
+        return resp
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        """200 while Redis answers (channels may still be loading: see `not_loaded`); 503 naming Redis otherwise."""
+        status, body = await svc.health()
+        return json_response(body, status)
+
+    @app.get("/metrics")
+    async def prom() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory (`--workers N` imports the app by name in each worker)."""
+    logging.basicConfig(level=get_settings().log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return create_app(get_settings())

@@ -1,0 +1,280 @@
+"""One loaded u2i channel version: faiss index over its item vectors, optional user tower, id maps.
+
+A `Bundle` is immutable once built; the server swaps whole bundles (one reference assignment), so a request
+that picked a bundle keeps a consistent (version, index, tower) triple however long it runs.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+from common.channel_config import ChannelSpec, IndexParams
+from common.ids import IdMap
+from common.publish import read_manifest
+from common.redis_conn import RedisStores
+from common.tower_inputs import encode_user_inputs
+
+log = logging.getLogger(__name__)
+
+MGET_BATCH = 5000
+EMPTY_IDS = np.empty(0, dtype=np.int64)
+EMPTY_SCORES = np.empty(0, dtype=np.float32)
+
+
+class LoadError(RuntimeError):
+    """A channel version could not be loaded; the previous bundle (if any) keeps serving."""
+
+
+@dataclass(frozen=True)
+class IdMaps:
+    """Published item/user id maps plus an object array for vectorised index → external id."""
+
+    item: IdMap
+    user: IdMap
+    item_ids: np.ndarray  # object array, item_ids[i] = external id of item index i
+    n_item: int = 0  # the published lengths this snapshot was built from (id_map_len keys)
+    n_user: int = 0
+
+    @classmethod
+    def build(cls, item: IdMap, user: IdMap, n_item: int | None = None, n_user: int | None = None) -> IdMaps:
+        arr = np.empty(len(item), dtype=object)
+        arr[:] = item.ids
+        return cls(item, user, arr, len(item) if n_item is None else n_item, len(user) if n_user is None else n_user)
+
+    @classmethod
+    def empty(cls) -> IdMaps:
+        return cls.build(IdMap(), IdMap(), 0, 0)
+
+    def external_items(self, idx: np.ndarray) -> list[str | None]:
+        """External ids of item indices (None where the map has no such index)."""
+        if len(idx) == 0:
+            return []
+        if int(idx.max()) < len(self.item_ids):
+            return self.item_ids[idx].tolist()
+        return [self.item.ids[i] if i < len(self.item.ids) else None for i in idx.tolist()]
+
+    def item_indices(self, ext_ids: list[str]) -> list[int]:
+        """Indices of known external item ids (unknown ones dropped), order kept."""
+        get = self.item.get
+        return [i for i in (get(x) for x in ext_ids) if i >= 0]
+
+
+def load_id_maps(stores: RedisStores) -> IdMaps:
+    """Read both published id maps (sync; used from a worker thread)."""
+    ks, meta = stores.keyspace, stores("meta")
+    blobs = meta.mget([ks.id_map("item"), ks.id_map("user"), ks.id_map_len("item"), ks.id_map_len("user")])
+    item, user = IdMap.from_bytes(blobs[0]), IdMap.from_bytes(blobs[1])
+    return IdMaps.build(item, user, int(blobs[2] or 0), int(blobs[3] or 0))
+
+
+def build_index(vectors: np.ndarray, params: IndexParams) -> tuple[faiss.Index, list[Any], str]:
+    """Inner-product faiss index of the configured type; returns (index, objects to keep alive, description)."""
+    n, d = vectors.shape
+    if params.type == "flat" or n == 0:
+        index = faiss.IndexFlatIP(d)
+        index.add(vectors)
+        return index, [], "flat"
+    if params.type == "hnsw":
+        index = faiss.IndexHNSWFlat(d, params.M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = params.ef_construction
+        index.hnsw.efSearch = params.ef_search
+        index.add(vectors)
+        return index, [], f"hnsw(M={params.M},efC={params.ef_construction},ef={params.ef_search})"
+    nlist = params.nlist or max(1, int(round(4 * math.sqrt(n))))
+    nlist = max(1, min(nlist, n))
+    quantizer = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    # k-means on a bounded sample (100 points per list) keeps big catalogues fast to load
+    train = vectors
+    if n > 100 * nlist:
+        train = vectors[np.random.default_rng(42).choice(n, 100 * nlist, replace=False)]
+    index.train(train)
+    index.add(vectors)
+    index.nprobe = min(params.nprobe, nlist)
+    return index, [quantizer], f"ivf(nlist={nlist},nprobe={min(params.nprobe, nlist)})"
+
+
+@dataclass
+class Bundle:
+    """Everything one request needs about one channel version."""
+
+    channel: str
+    publisher: str
+    version: str
+    dim: int
+    n_items: int  # catalogue size of the version (manifest n_items)
+    n_indexed: int  # vectors actually in the index (missing keys skipped)
+    index_type: str
+    index_desc: str
+    index: faiss.Index
+    row_to_item: np.ndarray | None  # faiss row → item index; None when identity
+    normalize: bool  # cosine metric: queries are L2-normalised (items were at load)
+    ef_search: int = 256
+    nprobe: int = 16
+    tower: Any = None  # torch.jit.ScriptModule
+    tower_meta: dict[str, Any] = field(default_factory=dict)
+    tower_error: str | None = None
+    maps: IdMaps | None = None  # private id maps (artifacts dir) when the published ones are too short
+    manifest: dict[str, Any] = field(default_factory=dict)
+    load_s: float = 0.0
+    loaded_at: float = field(default_factory=time.time)
+    keep: list[Any] = field(default_factory=list)
+    _default_params: Any = None
+
+    def __post_init__(self) -> None:
+        if self.index_type == "hnsw":
+            self._default_params = faiss.SearchParametersHNSW(efSearch=self.ef_search)
+        elif self.index_type == "ivf":
+            self._default_params = faiss.SearchParametersIVF(nprobe=self.index.nprobe)
+
+    @property
+    def recent_n(self) -> int:
+        return int(self.tower_meta.get("recent_n", 20)) if self.tower is not None else 0
+
+    def search(self, q: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (item index, score) for one query vector, `exclude` item indices removed."""
+        n_ex = 0 if exclude is None else len(exclude)
+        kk = min(k + n_ex, self.n_indexed)
+        if kk <= 0:
+            return EMPTY_IDS, EMPTY_SCORES
+        q = np.ascontiguousarray(q, dtype=np.float32).reshape(1, self.dim)
+        if self.normalize:
+            q = q / max(float(np.linalg.norm(q)), 1e-12)
+        params = self._default_params
+        if self.index_type == "hnsw" and kk > self.ef_search:
+            params = faiss.SearchParametersHNSW(efSearch=kk)  # faiss does not raise efSearch to k itself
+        scores, rows = self.index.search(q, kk, params=params)
+        rows, scores = rows[0], scores[0]
+        if rows[-1] < 0:  # fewer results than asked (tiny catalogue or graph misses)
+            ok = rows >= 0
+            rows, scores = rows[ok], scores[ok]
+        ids = rows if self.row_to_item is None else self.row_to_item[rows]
+        if n_ex:
+            keep = ~np.isin(ids, exclude)
+            ids, scores = ids[keep], scores[keep]
+        return ids[:k].astype(np.int64, copy=False), scores[:k]
+
+    def tower_vector(self, user_idx: int, attrs: dict[str, Any] | None, recent_idx: list[int]) -> np.ndarray:
+        """User vector from the TorchScript tower for one user (contract: common/tower_inputs.py)."""
+        u, a, r = encode_user_inputs(self.tower_meta, user_idx, attrs, recent_idx)
+        with torch.inference_mode():
+            out = self.tower(torch.from_numpy(u), torch.from_numpy(a), torch.from_numpy(r))
+        return out.detach().reshape(-1).to(torch.float32).numpy()
+
+    def describe(self) -> dict[str, Any]:
+        return {"version": self.version, "n_items": self.n_items, "n_indexed": self.n_indexed, "dim": self.dim,
+                "index": self.index_type, "index_params": self.index_desc, "tower": self.tower is not None,
+                "tower_error": self.tower_error, "publisher": self.publisher, "load_s": round(self.load_s, 3),
+                "loaded_at": self.loaded_at}
+
+
+def read_item_vectors(stores: RedisStores, publisher: str, version: str, n_items: int,
+                      dim: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """All item vectors of a version (MGET in batches; missing/malformed keys skipped) and the row → item map."""
+    ks, client = stores.keyspace, stores("item_emb")
+    nbytes = 4 * dim
+    chunks: list[bytes] = []
+    present: list[np.ndarray] = []
+    for start in range(0, n_items, MGET_BATCH):
+        stop = min(start + MGET_BATCH, n_items)
+        values = client.mget([ks.item_vector(publisher, version, i) for i in range(start, stop)])
+        ok = np.fromiter((v is not None and len(v) == nbytes for v in values), dtype=bool, count=len(values))
+        chunks.extend(v for v, good in zip(values, ok, strict=True) if good)
+        present.append(np.flatnonzero(ok) + start)
+    vectors = np.frombuffer(b"".join(chunks), dtype="<f4").reshape(-1, dim).astype(np.float32, copy=True)
+    rows = np.concatenate(present) if present else np.empty(0, dtype=np.int64)
+    identity = len(rows) == n_items
+    return vectors, None if identity else rows.astype(np.int64)
+
+
+def load_tower(blob: bytes, meta: dict[str, Any], dim: int) -> Any:
+    """Load a TorchScript user tower and check it answers the contract with the channel's dimension."""
+    module = torch.jit.load(io.BytesIO(blob), map_location="cpu")
+    module.eval()
+    u, a, r = encode_user_inputs(meta, -1, {}, [])
+    with torch.inference_mode():
+        for _ in range(3):  # the profiling executor specialises on the first calls; do them here, not in requests
+            out = module(torch.from_numpy(u), torch.from_numpy(a), torch.from_numpy(r))
+    shape = tuple(out.shape)
+    if shape != (1, dim):
+        raise LoadError(f"user tower returned shape {shape} for one user; expected (1, {dim})")
+    return module
+
+
+def _file_maps(manifest: dict[str, Any]) -> IdMaps | None:
+    d = manifest.get("artifacts_dir")
+    if not d:
+        return None
+    items, users = Path(d) / "item_ids.json", Path(d) / "user_ids.json"
+    try:
+        return IdMaps.build(IdMap.load(items), IdMap.load(users) if users.exists() else IdMap())
+    except OSError:
+        return None
+
+
+def load_bundle(stores: RedisStores, spec: ChannelSpec, version: str, maps: IdMaps | None = None) -> Bundle:
+    """Read a published u2i version from Redis and build its index and tower (blocking; run in a thread)."""
+    t0 = time.perf_counter()
+    publisher = spec.publisher
+    manifest = read_manifest(stores, publisher, version)
+    if manifest is None:
+        raise LoadError(f"channel {publisher!r} version {version}: manifest missing")
+    if "dim" not in manifest:
+        raise LoadError(f"channel {publisher!r} version {version}: manifest has no 'dim' (not a u2i artifact?)")
+    dim, n_items = int(manifest["dim"]), int(manifest.get("n_items", 0))
+    metric = str(manifest.get("metric", "ip")).lower()
+    if metric not in ("ip", "dot", "cos", "cosine"):
+        raise LoadError(f"channel {publisher!r}: unsupported metric {metric!r} (ip or cosine)")
+    vectors, rows = read_item_vectors(stores, publisher, version, n_items, dim)
+    normalize = metric in ("cos", "cosine")
+    if normalize and len(vectors):
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    if len(vectors) < n_items:
+        log.warning("channel %s version %s: %d of %d item vectors missing; skipped", spec.name, version,
+                    n_items - len(vectors), n_items)
+    index, keep, desc = build_index(vectors, spec.index)
+
+    tower, tower_meta, tower_error = None, dict(manifest.get("user_tower_meta") or {}), None
+    if manifest.get("has_user_tower"):
+        try:
+            blob = stores("item_emb").get(stores.keyspace.user_tower(publisher, version))
+            if blob is None:
+                raise LoadError("user tower key missing")
+            tower = load_tower(blob, tower_meta, dim)
+        except Exception as exc:  # serve the precomputed vectors rather than nothing
+            tower, tower_error = None, f"{type(exc).__name__}: {exc}"
+            log.error("channel %s version %s: user tower unusable, falling back to precomputed vectors: %s",
+                      spec.name, version, tower_error)
+
+    private_maps = None
+    if maps is None or len(maps.item) < n_items:  # published maps too short (or newer than ours): re-read, then files
+        private_maps = load_id_maps(stores)
+        if len(private_maps.item) < n_items:
+            private_maps = _file_maps(manifest) or private_maps
+    return Bundle(channel=spec.name, publisher=publisher, version=version, dim=dim, n_items=n_items,
+                  n_indexed=int(index.ntotal), index_type=spec.index.type if len(vectors) else "flat",
+                  index_desc=desc, index=index, row_to_item=rows, normalize=normalize,
+                  ef_search=spec.index.ef_search, nprobe=spec.index.nprobe, tower=tower, tower_meta=tower_meta,
+                  tower_error=tower_error, maps=private_maps, manifest=manifest,
+                  load_s=time.perf_counter() - t0, keep=keep)
+
+
+def unpack_user_vector(value: bytes | None, dim: int) -> np.ndarray | None:
+    """A precomputed user vector, or None when absent or of the wrong size."""
+    if value is None or len(value) != 4 * dim:
+        return None
+    return np.frombuffer(value, dtype="<f4")
+
+
+__all__ = ["Bundle", "IdMaps", "LoadError", "build_index", "load_bundle", "load_id_maps", "read_item_vectors",
+           "unpack_user_vector"]

@@ -31,6 +31,12 @@ class Merged:
     channel_names: list[str]
 
 
+def request_size(kind: str, quota: int, k: int, total_quota: int) -> int:
+    """Candidates to ask one channel for: max(quota, k); a u2i channel (a vector search, whose cost grows
+    with its k) asks for its quota plus only what the quotas of all merged channels cannot fill."""
+    return quota + max(0, k - total_quota) if kind == "u2i" else max(quota, k)
+
+
 def normalise(scores: np.ndarray, method: str, rank_offset: float) -> np.ndarray:
     """Map one channel's scores (sorted desc) onto a comparable scale."""
     n = len(scores)

@@ -1,0 +1,373 @@
+"""The recall server: GET /recall fans out to every channel concurrently, merges, filters, answers.
+
+Fast by design (see shared PERFORMANCE_NOTES): one pipelined read of the user state per request, one
+MGET per channel read, in-memory lists, numpy merge, orjson responses, `async def` endpoints, and all
+per-version work (config, manifests, id maps, lists) done when a version changes, not per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import re
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+import redis.exceptions
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import Response
+
+from common.channel_config import ChannelConfig, load_config
+from common.features import fetch_user_states
+from common.keyspace import FEATURES_CHANNEL, Keyspace
+from common.merge import ChannelOutput, merge, request_size
+from common.redis_conn import AsyncRedisStores
+from common.settings import Settings, get_settings
+from services.recall_server.metrics import RecallMetrics, metrics_payload
+from services.recall_server.retrievers import (
+    ChannelEmpty,
+    I2IRetriever,
+    ListRetriever,
+    RequestContext,
+    Result,
+    U2URetriever,
+    VectorRetriever,
+    is_new_user,
+    new_user_categories,
+)
+from services.recall_server.state import ChannelView, ServingState
+from services.vector_server.client import VectorClient, VectorNotFound, VectorServerTimeout
+
+log = logging.getLogger("recall_server")
+
+MAX_ID_LEN = 256
+MAX_EXCLUDE = 10_000
+_INT_RE = re.compile(r"^[0-9]{1,9}$")
+_CTRL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
+
+
+class ParamError(Exception):
+    """A bad query parameter (→ 422 naming it)."""
+
+    def __init__(self, param: str, msg: str):
+        super().__init__(msg)
+        self.param, self.msg = param, msg
+
+
+class RedisUnavailable(Exception):
+    """Redis did not answer (→ 503 naming Redis)."""
+
+
+@dataclass
+class RecallParams:
+    user_id: str
+    k: int
+    channels: list[str] | None
+    exclude: list[str]
+    explain: bool
+
+
+def _ids_param(name: str, value: str, limit: int) -> list[str]:
+    parts = [p.strip() for p in value.split(",")]
+    if len(parts) > limit:
+        raise ParamError(name, f"{name}: at most {limit} comma-separated values, got {len(parts)}")
+    for pos, p in enumerate(parts):
+        if not p:
+            raise ParamError(name, f"{name}: empty value at position {pos} (expected comma-separated ids, e.g. a,b,c)")
+        if len(p) > MAX_ID_LEN or _CTRL_RE.search(p):
+            raise ParamError(name, f"{name}: value at position {pos} is not a valid id (max {MAX_ID_LEN} printable characters)")
+    return parts
+
+
+def parse_params(user_id: str | None, k: str | None, channels: str | None, exclude: str | None, explain: str | None,
+                 *, default_k: int, max_k: int, known: list[str]) -> RecallParams:
+    """Validate the query parameters of GET /recall; raises ParamError naming the bad one."""
+    uid = (user_id or "").strip()
+    if not uid:
+        raise ParamError("user_id", "user_id is required and must not be empty")
+    if len(uid) > MAX_ID_LEN or _CTRL_RE.search(uid):
+        raise ParamError("user_id", f"user_id must be at most {MAX_ID_LEN} printable characters")
+    if k is None or k.strip() == "":
+        kk = min(default_k, max_k)
+    else:
+        ks = k.strip()
+        if not _INT_RE.match(ks) or not 1 <= int(ks) <= max_k:
+            raise ParamError("k", f"k must be an integer between 1 and {max_k} (the documented maximum, MAX_K); got {k[:40]!r}")
+        kk = int(ks)
+    chans = None
+    if channels is not None:
+        chans = []
+        for name in _ids_param("channels", channels, 100):
+            if name not in known:
+                raise ParamError("channels", f"channels: unknown channel {name[:60]!r}; known (enabled) channels: {known}")
+            if name not in chans:
+                chans.append(name)
+    excl = _ids_param("exclude", exclude, MAX_EXCLUDE) if exclude not in (None, "") else []
+    ex = (explain or "").strip().lower()
+    if ex not in _TRUE and ex not in _FALSE:
+        raise ParamError("explain", f"explain must be true or false; got {explain[:40]!r}")
+    return RecallParams(uid, kk, chans, excl, ex in _TRUE)
+
+
+class RecallService:
+    """Holds everything a request needs; `recall()` is the whole request path."""
+
+    def __init__(self, settings: Settings, config: ChannelConfig, metrics: RecallMetrics):
+        if not settings.redis_url:
+            raise RuntimeError("REDIS_URL is not set: the recall server needs a Redis (`make up` sets one up)")
+        self.settings, self.config, self.metrics = settings, config, metrics
+        self.ks = Keyspace.from_settings(settings)
+        self.astores = AsyncRedisStores(settings.redis_url, self.ks, timeout_s=settings.redis_timeout_s)
+        self.state = ServingState(config, self.astores)
+        self.state.on_snapshot = lambda snap: metrics.set_versions(
+            {c.name: snap.versions.get(c.publisher) for c in self.state.enabled} | {
+                FEATURES_CHANNEL: snap.features_version})
+        self.enabled = [c.name for c in self.state.enabled]
+        u2i = [c.timeout_ms for c in self.state.enabled if c.kind == "u2i"]
+        self.vector_client = VectorClient(settings.vector_url, timeout_s=max(u2i) / 1000.0) if u2i else None
+        self.retrievers = {"i2i": I2IRetriever(self.astores), "u2u": U2URetriever(self.astores, self.state.neighbor_cache),
+                           "u2i": VectorRetriever(self.vector_client)}
+        self.lists = ListRetriever()
+        self.normalize, self.rank_offset = config.merge.normalize, config.merge.rank_offset
+
+    async def start(self) -> None:
+        await self.state.start()
+        await self.warm_up()
+
+    async def warm_up(self) -> None:
+        """Open a connection to every store and the vector server now, not on the first request."""
+        stores = {"meta", "user_features", *(v.store for v in self.state.snapshot.views.values() if v.store)}
+        for store in stores:
+            try:
+                await self.astores(store).ping()
+            except Exception as exc:  # Redis down at start-up: requests answer 503 until it is back
+                log.warning("Redis store %s not reachable at start-up: %s", store, exc)
+        if self.vector_client is not None:
+            try:
+                await self.vector_client.healthz(timeout_s=2.0)
+            except Exception as exc:
+                log.warning("vector server %s not reachable at start-up: %s", self.settings.vector_url, exc)
+
+    async def stop(self) -> None:
+        await self.state.stop()
+        if self.vector_client is not None:
+            await self.vector_client.aclose()
+        await self.astores.close()
+
+    # -- the request path -----------------------------------------------------------------------
+    async def recall(self, p: RecallParams) -> dict:
+        snap = self.state.snapshot  # one consistent set of versions for the whole request
+        try:
+            (user,) = await fetch_user_states(self.astores, [p.user_id], snap.features_version, self.settings.recent_n)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise RedisUnavailable(f"Redis unavailable: {type(exc).__name__}: {exc}") from None
+        index = snap.item_index
+        recent = [index.get(i, -1) for i in user.recent_items]
+        recent_idx = np.array([i for i in recent if i >= 0], dtype=np.int64)
+        seen = [index.get(i, -1) for i in user.seen]
+        if p.exclude:
+            seen += [index.get(i, -1) for i in p.exclude]
+        exclude_idx = np.array([i for i in seen if i >= 0], dtype=np.int64)
+        cold = not user.recent
+        names = p.channels or self.enabled
+        views = [snap.views[n] for n in names]
+        categories: list[str] = []
+        if not cold and is_new_user(user) and any(v.spec.kind == "list" and not v.unavailable for v in views):
+            try:  # a user known only from real-time events: per-category popular lists of what they clicked
+                categories = await new_user_categories(self.astores, snap.features_version, user)
+            except (redis.exceptions.RedisError, OSError) as exc:
+                log.warning("categories of new user %r not read: %s", p.user_id, exc)
+        ctx = RequestContext(p.user_id, user, snap, recent_idx, exclude_idx, p.exclude, cold, p.k, categories)
+
+        total_quota = sum(v.spec.quota for v in views)
+        statuses: dict[str, dict] = {}
+        results: dict[str, Result] = {}
+        tasks = []
+        for view in views:
+            spec = view.spec
+            if view.unavailable:
+                statuses[spec.name] = {"status": "skipped", "count": 0, "latency_ms": 0.0, "detail": view.unavailable}
+            elif cold and spec.kind != "list":
+                statuses[spec.name] = {"status": "skipped", "count": 0, "latency_ms": 0.0,
+                                       "detail": "cold start: no history for this user"}
+            elif spec.kind != "list":
+                # the evaluator's rule: max(quota, k); u2i (a vector search) its quota + what quotas cannot fill
+                n = request_size(spec.kind, spec.quota, p.k, total_quota)
+                tasks.append(asyncio.ensure_future(self._run(view, ctx, min(n, self.settings.max_k), statuses, results)))
+        if tasks:
+            await asyncio.sleep(0)  # let the I/O of every channel start before the in-memory ones use the CPU
+        for view in views:
+            if view.spec.kind == "list" and view.spec.name not in statuses:
+                self._run_list(view, ctx, request_size("list", view.spec.quota, p.k, total_quota), statuses, results)
+        if tasks:
+            await asyncio.gather(*tasks)
+
+        outputs = [ChannelOutput(n, results[n].ids, results[n].scores, snap.views[n].spec.weight, snap.views[n].spec.quota)
+                   for n in names if n in results]
+        merged = merge(outputs, p.k, exclude_idx, normalize=self.normalize, rank_offset=self.rank_offset)
+        ids = merged.ids
+        n_known = len(snap.item_ids)
+        if len(ids) and ids.max() >= n_known:  # an artifact newer than our id map: drop what we cannot name
+            keep = ids < n_known
+            merged.ids, merged.scores, merged.ranks = ids[keep], merged.scores[keep], merged.ranks[keep]
+        ext = snap.item_ids[merged.ids].tolist()
+        scores = np.round(merged.scores.astype(np.float64), 6).tolist()
+        if p.explain:
+            per: list[dict] = [{} for _ in ext]
+            rows, cols = np.nonzero(merged.ranks)
+            ch_names = merged.channel_names
+            for r, c, v in zip(rows.tolist(), cols.tolist(), merged.ranks[rows, cols].tolist(), strict=True):
+                per[r][ch_names[c]] = v
+            items = [{"item_id": i, "score": s, "channels": d} for i, s, d in zip(ext, scores, per, strict=True)]
+        else:
+            items = [{"item_id": i, "score": s} for i, s in zip(ext, scores, strict=True)]
+        statuses = {n: statuses[n] for n in names}  # config order, whatever order the channels finished in
+        versions = {n: (results[n].version if n in results else snap.views[n].version) for n in names}
+        versions[FEATURES_CHANNEL] = snap.features_version
+        self.metrics.returned.observe(len(items))
+        return {"user_id": p.user_id, "k": p.k, "items": items, "channels": statuses, "versions": versions,
+                "cold_start": cold}
+
+    async def _run(self, view: ChannelView, ctx: RequestContext, n: int, statuses: dict, results: dict) -> None:
+        spec = view.spec
+        t0 = time.perf_counter()
+        detail = None
+        try:
+            async with asyncio.timeout(spec.timeout_ms / 1000.0):
+                res = await self.retrievers[spec.kind].retrieve(view, ctx, n)
+            status = "ok" if len(res.ids) else "empty"
+            results[spec.name] = res
+        except ChannelEmpty as exc:
+            status, detail = "empty", str(exc)
+        except (TimeoutError, VectorServerTimeout, redis.exceptions.TimeoutError):
+            status, detail = "timeout", f"no answer within timeout_ms={spec.timeout_ms:g}"
+        except VectorNotFound as exc:
+            status, detail = "empty", f"vector server: {exc}"
+        except Exception as exc:  # one failing channel never fails the request
+            status, detail = "error", f"{type(exc).__name__}: {exc}"[:300]
+        self._record(spec.name, status, detail, t0, results, statuses)
+
+    def _run_list(self, view: ChannelView, ctx: RequestContext, n: int, statuses: dict, results: dict) -> None:
+        t0 = time.perf_counter()
+        detail = None
+        try:
+            res = self.lists.retrieve_sync(view, ctx, n, self.rank_offset)
+            status = "ok" if len(res.ids) else "empty"
+            results[view.spec.name] = res
+        except ChannelEmpty as exc:
+            status, detail = "empty", str(exc)
+        except Exception as exc:
+            status, detail = "error", f"{type(exc).__name__}: {exc}"[:300]
+        self._record(view.spec.name, status, detail, t0, results, statuses)
+
+    def _record(self, name: str, status: str, detail: str | None, t0: float, results: dict, statuses: dict) -> None:
+        dt = time.perf_counter() - t0
+        count = len(results[name].ids) if name in results else 0
+        entry = {"status": status, "count": count, "latency_ms": round(dt * 1000.0, 3)}
+        if detail:
+            entry["detail"] = detail
+        statuses[name] = entry
+        lat, errors, timeouts, empty, cands = self.metrics.channel(name)
+        lat.observe(dt)
+        cands.observe(count)
+        if status == "error":
+            errors.inc()
+        elif status == "timeout":
+            timeouts.inc()
+        elif status == "empty":
+            empty.inc()
+
+    async def health(self) -> tuple[int, dict]:
+        snap = self.state.snapshot
+        try:
+            await self.astores("meta").ping()
+        except Exception as exc:
+            return 503, {"status": "unavailable", "detail": f"Redis unavailable: {type(exc).__name__}: {exc}"}
+        channels = {name: ("ok" if not v.unavailable else v.unavailable) for name, v in snap.views.items()}
+        return 200, {"status": "ok", "redis": "ok", "versions": snap.versions, "channels": channels}
+
+
+def _json(status: int, body: dict) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+def create_app(settings: Settings | None = None, config: ChannelConfig | None = None) -> FastAPI:
+    """The FastAPI app (also the uvicorn factory: `services.recall_server.app:create_app`)."""
+    settings = settings or get_settings()
+    config = config or load_config(settings.channels_config)
+    metrics = RecallMetrics()
+    outcome = {o: metrics.requests.labels(o) for o in ("ok", "cold_start", "client_error", "unavailable", "error")}
+    service = RecallService(settings, config, metrics)
+    known = list(service.enabled)
+    default_k, max_k = config.default_k, settings.max_k
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await service.start()
+        gc.collect()
+        gc.freeze()  # start-up objects never need scanning again: shorter GC pauses on the request path
+        yield
+        await service.stop()
+
+    app = FastAPI(title="multirecall recall server", version="0.1.0", lifespan=lifespan,
+                  description="Multi-channel candidate generation: GET /recall fans out to every enabled channel "
+                              "of config/channels.yaml concurrently and merges their candidates.")
+    app.state.service = service
+
+    @app.exception_handler(ParamError)
+    async def _param_error(request: Request, exc: ParamError) -> Response:
+        outcome["client_error"].inc()
+        return _json(422, {"detail": [{"loc": ["query", exc.param], "msg": exc.msg, "type": "value_error"}]})
+
+    @app.exception_handler(RedisUnavailable)
+    async def _redis_down(request: Request, exc: RedisUnavailable) -> Response:
+        outcome["unavailable"].inc()
+        return _json(503, {"detail": str(exc)})
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> Response:  # must be unreachable by any input
+        log.exception("internal error on %s", request.url.path)
+        outcome["error"].inc()
+        return _json(500, {"detail": f"internal error: {type(exc).__name__}"})
+
+    @app.get("/recall", response_class=Response, summary="Ranked candidates for one user",
+             responses={200: {"description": "items, per-channel status, versions, cold_start"},
+                        422: {"description": "a bad query parameter (named in detail[0].loc)"},
+                        503: {"description": "Redis unavailable"}})
+    async def recall(
+        user_id: str | None = Query(None, description="external user id (required)"),
+        k: str | None = Query(None, description=f"number of candidates, 1..{max_k} (default {default_k})"),
+        channels: str | None = Query(None, description=f"comma-separated subset of channels; enabled: {', '.join(known)}"),
+        exclude: str | None = Query(None, description="comma-separated item ids never to return"),
+        explain: str | None = Query(None, description="true: each item lists the channels that produced it with its rank there"),
+    ) -> Response:
+        t0 = time.perf_counter()
+        p = parse_params(user_id, k, channels, exclude, explain, default_k=default_k, max_k=max_k, known=known)
+        body = await service.recall(p)
+        outcome["cold_start" if body["cold_start"] else "ok"].inc()
+        metrics.latency.observe(time.perf_counter() - t0)
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    @app.get("/healthz", summary="200 when Redis answers (with the served versions), 503 naming Redis otherwise")
+    async def healthz() -> Response:
+        status, body = await service.health()
+        return _json(status, body)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus_metrics() -> Response:
+        payload, content_type = metrics_payload(metrics.registry)
+        return Response(payload, media_type=content_type)
+
+    return app
+
+
+def uvicorn_factory() -> FastAPI:
+    """Entry point for multi-worker uvicorn (settings from the environment)."""
+    logging.basicConfig(level=get_settings().log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return create_app()
+

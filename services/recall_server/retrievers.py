@@ -1,0 +1,188 @@
+"""One retriever per artifact kind (i2i, u2u, u2i, list), not one per model.
+
+Each turns a channel's published artifact plus the request's user state into ranked internal item
+indices through the same `common.retrieval` functions the evaluator uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+
+from common import retrieval
+from common.features import UserState
+from common.keyspace import unpack_neighbors
+from common.merge import normalise
+from services.recall_server.state import ChannelView, NeighborRecentCache, Snapshot, recent_indices
+
+EMPTY = (retrieval.EMPTY_IDS, retrieval.EMPTY_SCORES)
+
+
+class ChannelEmpty(Exception):
+    """A channel had nothing to say for this user (reported as status 'empty' with the reason)."""
+
+
+@dataclass
+class RequestContext:
+    """Per-request data shared by every channel (computed once)."""
+
+    user_id: str
+    user: UserState
+    snap: Snapshot
+    recent_idx: np.ndarray  # the user's recent items (newest first) as internal indices, unknown ids dropped
+    exclude_idx: np.ndarray  # seen + explicitly excluded items, internal indices
+    exclude_ext: list[str]  # the request's `exclude` (external ids)
+    cold: bool
+    k: int
+    categories: list[str]  # categories of a new user's clicked items (empty for users with batch history)
+
+
+@dataclass
+class Result:
+    ids: np.ndarray
+    scores: np.ndarray
+    version: str | None = None  # the version that actually served (vector server's own for u2i)
+
+
+class I2IRetriever:
+    """Recent items → one MGET of their neighbour lists → recency-weighted aggregation."""
+
+    kind = "i2i"
+
+    def __init__(self, astores):
+        self.astores, self.ks = astores, astores.keyspace
+
+    async def retrieve(self, view: ChannelView, ctx: RequestContext, n: int) -> Result:
+        serve = view.spec.serve
+        anchors = ctx.recent_idx[: serve.recent_n]
+        if not len(anchors):
+            raise ChannelEmpty("no recent item known to the item id map")
+        ks, store, pub, ver = self.ks, view.store, view.spec.publisher, view.version
+        values = await self.astores(store).mget([ks.i2i(store, pub, ver, i) for i in anchors.tolist()])
+        lists = [unpack_neighbors(v) for v in values]
+        ids, scores = retrieval.retrieve_i2i(lists, n, serve.recency_decay, serve.per_anchor, ctx.exclude_idx)
+        return Result(ids, scores, ver)
+
+
+class U2URetriever:
+    """The user's neighbour list → the neighbours' recent items (cached per features version) → aggregation."""
+
+    kind = "u2u"
+
+    def __init__(self, astores, cache: NeighborRecentCache):
+        self.astores, self.ks, self.cache = astores, astores.keyspace, cache
+
+    async def retrieve(self, view: ChannelView, ctx: RequestContext, n: int) -> Result:
+        serve, snap = view.spec.serve, ctx.snap
+        fver = snap.features_version
+        if not fver:
+            raise ChannelEmpty("no user features published (neighbours' histories unknown)")
+        value = await self.astores(view.store).get(self.ks.u2u(view.store, view.spec.publisher, view.version, ctx.user_id))
+        nb, sims = unpack_neighbors(value)
+        nb, sims = nb[: serve.per_anchor], sims[: serve.per_anchor]
+        keep = (nb >= 0) & (nb < len(snap.user_ids))
+        nb, sims = nb[keep], sims[keep]
+        if not len(nb):
+            raise ChannelEmpty("user has no neighbour list in this version")
+        uids = snap.user_ids[nb].tolist()
+        recents = await self.neighbor_recent(fver, uids, snap)
+        recents = [r[: serve.neighbor_items] for r in recents]
+        ids, scores = retrieval.retrieve_u2u(sims, recents, n, ctx.exclude_idx)
+        return Result(ids, scores, view.version)
+
+    async def neighbor_recent(self, fver: str, uids: list[str], snap: Snapshot) -> list[np.ndarray]:
+        """Recent item indices of each user in `uids` (batch records; one MGET for the ones not cached)."""
+        found, missing = self.cache.get_many(fver, uids)
+        if missing:
+            ks, index = self.ks, snap.item_index
+            values = await self.astores("user_features").mget([ks.user_features(fver, uids[i]) for i in missing])
+            for i, raw in zip(missing, values, strict=True):
+                arr = recent_indices(raw, index)
+                found[i] = arr
+                self.cache.put(uids[i], arr)
+        return found
+
+
+class VectorRetriever:
+    """u2i through the vector server (faiss; user vector computed there from current features)."""
+
+    kind = "u2i"
+
+    def __init__(self, client):
+        self.client = client
+
+    async def retrieve(self, view: ChannelView, ctx: RequestContext, n: int) -> Result:
+        # The vector server searches k + len(exclude) and drops the excluded items inside faiss: send the
+        # request's exclude plus the user's recent clicks (the likeliest seen items to come back), not the
+        # whole history; older seen items are filtered here and in the merge.
+        exclude = [*ctx.exclude_ext, *ctx.user.recent_items] if ctx.exclude_ext else ctx.user.recent_items
+        res = await self.client.search_user(view.spec.publisher, ctx.user_id, n, exclude=exclude or None)
+        ids = np.asarray(res.get("ids", []), dtype=np.int64)
+        scores = np.asarray(res.get("scores", []), dtype=np.float32)
+        keep = (ids >= 0) & (ids < len(ctx.snap.item_ids))
+        if len(ctx.exclude_idx):
+            keep &= ~np.isin(ids, ctx.exclude_idx)
+        return Result(ids[keep], scores[keep], res.get("version", view.version))
+
+
+async def new_user_categories(astores, fver: str | None, user: UserState, limit: int = 5) -> list[str]:
+    """Primary categories of a new user's most recent clicks (one MGET of item feature records)."""
+    items = user.recent_items[:limit]
+    if not fver or not items:
+        return []
+    ks = astores.keyspace
+    values = await astores("item_features").mget([ks.item_features(fver, i) for i in items])
+    cats: list[str] = []
+    for raw in values:
+        cat = orjson.loads(raw).get("category") if raw else None
+        if cat not in (None, "") and str(cat) not in cats:
+            cats.append(str(cat))
+    return cats
+
+
+class ListRetriever:
+    """Non-personalised lists, served from memory (loaded once per version)."""
+
+    kind = "list"
+
+    def retrieve_sync(self, view: ChannelView, ctx: RequestContext, n: int, rank_offset: float) -> Result:
+        lists = view.lists or {}
+        names = [x for x in view.spec.serve.lists if x in lists]
+        if ctx.cold or is_new_user(ctx.user):  # outside the trained population: use what is known about them
+            names += [x for x in personal_list_names(ctx.user, ctx.categories) if x in lists and x not in names]
+        if not names:
+            raise ChannelEmpty(f"none of the lists {view.spec.serve.lists} is published")
+        if len(names) == 1:
+            ids, scores = retrieval.retrieve_list(*lists[names[0]], n, ctx.exclude_idx)
+        else:  # several lists (cold start): rank-normalise each so a small category list counts as much as global
+            parts = [(lists[x][0], normalise(lists[x][1], "rank", rank_offset)) for x in names]
+            ids, scores = retrieval.aggregate(parts, np.ones(len(parts), np.float32), n, ctx.exclude_idx)
+        return Result(ids, scores, view.version)
+
+
+def personal_list_names(user: UserState, categories: list[str] = ()) -> list[str]:
+    """Names of per-category / per-region / per-attribute popular lists that fit what is known about a user:
+    'cat:<c>' for the user's top categories (or the categories of a new user's clicks), '<key>:<value>' and
+    'attr:<key>:<value>' for region, environment and user attributes (used when the list channel publishes them)."""
+    f = user.features
+    names: list[str] = []
+    for entry in f.get("top_categories") or []:
+        cat = entry[0] if isinstance(entry, list | tuple) else entry
+        names.append(f"cat:{cat}")
+    names += [f"cat:{c}" for c in categories]
+    for key in ("region", "environment"):
+        if f.get(key) not in (None, ""):
+            names.append(f"{key}:{f[key]}")
+    for col, val in (f.get("attrs") or {}).items():
+        if val not in (None, ""):
+            names.append(f"{col}:{val}")
+            names.append(f"attr:{col}:{val}")
+    return names
+
+
+def is_new_user(user: UserState) -> bool:
+    """True when the user has no batch history (only real-time events, or nothing at all)."""
+    f = user.features
+    return int(f.get("clicks", 0)) - int(f.get("realtime_clicks", 0)) <= 0

@@ -18,6 +18,9 @@ from trainer.channels._tower_model import encode_attrs, logits, ranking_loss, re
 from trainer.channels.two_tower import TwoTowerChannel
 from trainer.data.train_data import TrainData
 
+# TorchScript is the vector server's contract even though torch ≥ 2.9 calls it deprecated
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
+
 N_CLUSTERS, PER_CLUSTER, N_USERS, CLICKS = 4, 25, 80, 8
 FAST = {"emb_dim": 16, "dim": 16, "hidden": [32], "epochs": 25, "batch_size": 64, "lr": 0.01, "n_neg": 16,
         "recent_n": 5, "hard_from": 2, "hard_to": 20, "hard_refresh": 5}

@@ -54,7 +54,7 @@ class Item2VecParams(BaseModel):
     window: int = Field(200, ge=1, le=1000, description="context: items up to this many positions away in a session")
     shrink_windows: bool = Field(True, description="word2vec's random effective window in [1, window]; "
                                  "false = every item within `window` (item2vec's 'whole basket' context)")
-    negative: int = Field(10, ge=1, le=100, description="negative samples per positive pair")
+    negative: int = Field(3, ge=1, le=100, description="negative samples per positive pair")
     ns_exponent: float = Field(0.75, ge=-2, le=2, description="negatives drawn ∝ count^ns_exponent")
     sample: float = Field(1e-3, ge=0, le=1, description="frequent-item subsampling threshold (0 = off)")
     epochs: int = Field(10, ge=1, le=1000)

@@ -167,7 +167,7 @@ def test_registered_and_params_validated():
     {"loss": "pointwise", "negatives": "random", "temperature": 0.2},
     {"loss": "pointwise", "negatives": "in_batch"},
     {"loss": "hinge", "negatives": "in_batch"},
-    {"loss": "logistic", "negatives": "hard", "temperature": 0.2},
+    {"loss": "logistic", "negatives": "hard", "temperature": 0.2, "epochs": 40},  # pairwise + hard: slower start
     {"loss": "listwise", "senet": True},
     {"loss": "listwise", "pos_subsample": 0.01, "logq_source": "exact"},
 ], ids=lambda p: "-".join(f"{k}={v}" for k, v in p.items()))

@@ -320,6 +320,47 @@ def test_tower_recent_override_and_attributes(stack):
     assert body["source"] == "tower" and set(cluster_of(body["ids"])) == {7}
 
 
+def post_user(url: str, body: dict) -> httpx.Response:
+    return httpx.post(url + "/search/user", content=orjson.dumps(body), timeout=10)
+
+
+def test_search_user_answers_several_channels_in_one_call(stack):
+    url, items = stack["url"], stack["items"]
+    r = post_user(url, {"user_id": "u3", "channels": {"flat": 7, "tw": 5, "ivf": 4, "hidden": 3},
+                        "recent": ["i260"], "attrs": {"segment": "a"}, "exclude": ["i250"]})
+    assert r.status_code == 200
+    res = r.json()["results"]
+    assert list(res) == ["flat", "tw", "ivf", "hidden"]  # the order asked for
+    flat = res["flat"]
+    assert flat["status"] == 200 and flat["source"] == "precomputed" and flat["version"] == stack["versions"]["flat"]
+    assert flat["ids"] == exact_top(items, user_vectors()[3], 7).tolist()
+    assert flat["item_ids"] == [ITEM_IDS[i] for i in flat["ids"]]
+    tw = res["tw"]  # the tower used the recent items and attributes sent, not the stored state
+    assert tw["source"] == "tower"
+    want = [i for i in exact_top(items, expected_tower(items, [260], 1), 6).tolist() if i != 250][:5]
+    assert tw["ids"] == want
+    assert res["ivf"] == {"status": 404, "detail": "no vector for user 'u3' in channel 'ivf'"}
+    assert res["hidden"]["status"] == 200 and res["hidden"]["source"] == "precomputed"  # a `from:` source's name
+    # item_ids: false leaves the external ids out (the recall server maps internal ids itself)
+    lean = post_user(url, {"user_id": "u3", "channels": {"flat": 3}, "item_ids": False}).json()["results"]["flat"]
+    assert "item_ids" not in lean and lean["ids"] == flat["ids"][:3]
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"channels": {"flat": 3}}, "'user_id'"),
+    ({"user_id": "u1"}, "'channels'"),
+    ({"user_id": "u1", "channels": {}}, "'channels'"),
+    ({"user_id": "u1", "channels": {"flat": 0}}, "k of 'flat'"),
+    ({"user_id": "u1", "channels": {"nope": 3}}, "unknown channel 'nope'"),
+    ({"user_id": "u1", "channels": {"flat": 3}, "attrs": [1]}, "'attrs'"),
+    ({"user_id": "u1", "channels": {"flat": 3}, "recent": "i1"}, "'recent'"),
+    ({"user_id": "u1", "channels": {"flat": 3}, "colour": 1}, "unknown field(s) ['colour']"),
+])
+def test_search_user_bad_requests_are_422(stack, body, fragment):
+    r = post_user(stack["url"], body)
+    assert r.status_code == 422 and fragment in r.json()["detail"], r.text
+
+
 def test_metrics_expose_latency_versions_and_swaps(stack):
     post(stack["url"], {"channel": "flat", "k": 5, "user_id": "u2"})
     post(stack["url"], {"channel": "nope", "k": 5, "user_id": "u2"})
@@ -457,6 +498,11 @@ def test_redis_down_user_search_503_vector_search_still_answers(start_server, tm
     assert r.status_code == 503 and "Redis" in r.json()["detail"]
     r = post(server.url, {"channel": "tw", "k": 5, "vector": np.eye(D)[2].tolist()})
     assert r.status_code == 200 and set(cluster_of(r.json()["ids"])) == {2} and r.json()["version"] == v
+    # the recall server's call carries the user's recent items and attributes: the tower needs no Redis
+    r = post_user(server.url, {"user_id": "u1", "channels": {"tw": 5}, "recent": ["i130"], "attrs": {}})
+    assert r.status_code == 200 and set(cluster_of(r.json()["results"]["tw"]["ids"])) == {2}
+    r = post_user(server.url, {"user_id": "u1", "channels": {"tw": 5}})  # state needed → 503 naming Redis
+    assert r.status_code == 503 and "Redis" in r.json()["detail"]
     h = httpx.get(server.url + "/healthz")
     assert h.status_code == 503 and "Redis" in h.json()["detail"]
     assert h.json()["channels"]["tw"]["version"] == v  # still serving from memory

@@ -187,7 +187,8 @@ class RecallService:
         total_quota = sum(v.spec.quota for v in views)
         statuses: dict[str, dict] = {}
         results: dict[str, Result] = {}
-        tasks = []
+        tasks: list = []
+        vector_sizes: dict[str, int] = {}
         for view in views:
             spec = view.spec
             if view.unavailable:
@@ -197,8 +198,13 @@ class RecallService:
                                        "detail": "cold start: no history for this user"}
             elif spec.kind != "list":
                 # the evaluator's rule: max(quota, k); u2i (a vector search) its quota + what quotas cannot fill
-                n = request_size(spec.kind, spec.quota, p.k, total_quota)
-                tasks.append(asyncio.ensure_future(self._run(view, ctx, min(n, self.settings.max_k), statuses, results)))
+                n = min(request_size(spec.kind, spec.quota, p.k, total_quota), self.settings.max_k)
+                if spec.kind == "u2i":
+                    vector_sizes[spec.publisher] = n
+                tasks.append((view, n))
+        if vector_sizes:
+            ctx.vector_call = self.retrievers["u2i"].start(ctx, vector_sizes)
+        tasks = [asyncio.ensure_future(self._run(view, ctx, n, statuses, results)) for view, n in tasks]
         if tasks:
             await asyncio.sleep(0)  # let the I/O of every channel start before the in-memory ones use the CPU
         for view in views:

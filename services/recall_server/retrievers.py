@@ -6,6 +6,7 @@ indices through the same `common.retrieval` functions the evaluator uses.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,7 @@ from common import retrieval
 from common.features import UserState
 from common.keyspace import unpack_neighbors
 from common.merge import normalise
+from services.vector_server.client import VectorServerUnavailable
 from services.recall_server.state import ChannelView, NeighborRecentCache, Snapshot, recent_indices
 
 EMPTY = (retrieval.EMPTY_IDS, retrieval.EMPTY_SCORES)
@@ -37,6 +39,7 @@ class RequestContext:
     cold: bool
     k: int
     categories: list[str]  # categories of a new user's clicked items (empty for users with batch history)
+    vector_call: asyncio.Future | None = None  # the request's one vector-server call (u2i channels)
 
 
 @dataclass
@@ -106,25 +109,48 @@ class U2URetriever:
 
 
 class VectorRetriever:
-    """u2i through the vector server (faiss; user vector computed there from current features)."""
+    """u2i through the vector server: every u2i channel of a request shares one POST /search/user call, which
+    carries the user's recent items and attributes so the vector server reads nothing from Redis for a tower."""
 
     kind = "u2i"
 
     def __init__(self, client):
         self.client = client
 
-    async def retrieve(self, view: ChannelView, ctx: RequestContext, n: int) -> Result:
+    def start(self, ctx: RequestContext, sizes: dict[str, int]) -> asyncio.Future:
+        """Send the request's one vector-server call ({publisher: k}); channels await it in `retrieve`."""
         # The vector server searches k + len(exclude) and drops the excluded items inside faiss: send the
         # request's exclude plus the user's recent clicks (the likeliest seen items to come back), not the
         # whole history; older seen items are filtered here and in the merge.
-        exclude = [*ctx.exclude_ext, *ctx.user.recent_items] if ctx.exclude_ext else ctx.user.recent_items
-        res = await self.client.search_user(view.spec.publisher, ctx.user_id, n, exclude=exclude or None)
-        ids = np.asarray(res.get("ids", []), dtype=np.int64)
-        scores = np.asarray(res.get("scores", []), dtype=np.float32)
+        recent = ctx.user.recent_items
+        exclude = [*ctx.exclude_ext, *recent] if ctx.exclude_ext else recent
+        call = asyncio.ensure_future(self.client.search_user_channels(
+            ctx.user_id, sizes, exclude=exclude or None, recent=recent,
+            attrs=ctx.user.features.get("attrs") or {}, item_ids=False))
+        call.add_done_callback(_retrieve_exception)
+        return call
+
+    async def retrieve(self, view: ChannelView, ctx: RequestContext, n: int) -> Result:
+        # shield: one channel running out of time must not cancel the call the other channels wait for
+        results = await asyncio.shield(ctx.vector_call)
+        res = results.get(view.spec.publisher) or {"status": 502, "detail": "no result for this channel"}
+        status = res.get("status")
+        if status == 404:
+            raise ChannelEmpty(f"vector server: {res.get('detail')}")
+        if status != 200:
+            raise VectorServerUnavailable(f"vector server: {status}: {res.get('detail')}", status)
+        ids = np.asarray(res["ids"], dtype=np.int64)
+        scores = np.asarray(res["scores"], dtype=np.float32)
         keep = (ids >= 0) & (ids < len(ctx.snap.item_ids))
         if len(ctx.exclude_idx):
             keep &= ~np.isin(ids, ctx.exclude_idx)
-        return Result(ids[keep], scores[keep], res.get("version", view.version))
+        return Result(ids[keep][:n], scores[keep][:n], res.get("version", view.version))
+
+
+def _retrieve_exception(fut: asyncio.Future) -> None:
+    """Mark a failed shared call's exception as seen (its channels may all have timed out before it ended)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 async def new_user_categories(astores, fver: str | None, user: UserState, limit: int = 5) -> list[str]:

@@ -114,6 +114,52 @@ def parse_search(raw: bytes, max_k: int) -> SearchRequest:
     return SearchRequest(channel, k, vector, user_id, _id_list(body, "exclude") or [], recent, exclude_seen)
 
 
+@dataclass
+class UserSearchRequest:
+    """POST /search/user: one user, several channels, one user-state read."""
+
+    user_id: str
+    channels: dict[str, int]  # channel → k
+    exclude: list[str]
+    recent: list[str] | None
+    attrs: dict[str, Any] | None
+    exclude_seen: bool
+    item_ids: bool
+
+
+def parse_user_search(raw: bytes, max_k: int) -> UserSearchRequest:
+    """Validate a /search/user body; every failure names the field."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise HTTPError(422, f"body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise HTTPError(422, "body must be a JSON object with 'user_id' and 'channels'")
+    allowed = {"user_id", "channels", "exclude", "recent", "attrs", "exclude_seen", "item_ids"}
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise HTTPError(422, f"unknown field(s) {unknown}; allowed: {', '.join(sorted(allowed))}")
+    user_id = body.get("user_id")
+    if isinstance(user_id, bool) or not isinstance(user_id, (str, int)) or user_id == "":
+        raise HTTPError(422, "field 'user_id' is required and must be a non-empty string")
+    channels = body.get("channels")
+    if not isinstance(channels, dict) or not channels:
+        raise HTTPError(422, "field 'channels' must be a non-empty object {channel: k}")
+    for name, k in channels.items():
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= max_k:
+            raise HTTPError(422, f"field 'channels': k of {name!r} must be an integer between 1 and {max_k}, got {k!r}")
+    attrs = body.get("attrs")
+    if attrs is not None and not isinstance(attrs, dict):
+        raise HTTPError(422, "field 'attrs' must be an object {attribute: value}")
+    flags = {}
+    for flag in ("exclude_seen", "item_ids"):
+        flags[flag] = body.get(flag, flag == "item_ids")
+        if not isinstance(flags[flag], bool):
+            raise HTTPError(422, f"field '{flag}' must be a boolean")
+    return UserSearchRequest(str(user_id), channels, _id_list(body, "exclude") or [], _id_list(body, "recent"), attrs,
+                             flags["exclude_seen"], flags["item_ids"])
+
+
 class Metrics:
     """Prometheus metrics of one app instance (own registry, so several apps can live in one process)."""
 
@@ -277,61 +323,102 @@ class VectorService:
             detail = f"channel {channel!r} has no published version yet"
         raise HTTPError(503, detail)
 
-    async def user_vector(self, b: Bundle, req: SearchRequest, maps: IdMaps) -> tuple[np.ndarray, str, UserState | None]:
-        """The user's vector (tower from current features, else precomputed) and its source; 404 if none."""
+    async def user_searches(self, req: UserSearchRequest) -> dict[str, dict[str, Any]]:
+        """Top-k of several channels for one user: at most one user-state read (none when the caller sends
+        `recent` and `attrs`) and one MGET of precomputed vectors. Per-channel failures are reported in the
+        channel's entry ({"status": 404|503, "detail"}); an unknown channel fails the whole request (422)."""
+        bundles: dict[str, Bundle] = {}
+        out: dict[str, dict[str, Any]] = {}
+        for name in req.channels:
+            try:
+                bundles[name] = self.bundle_for(name)
+            except HTTPError as exc:
+                if exc.status == 422:
+                    raise
+                out[name] = {"status": exc.status, "detail": exc.detail}
         user_id = req.user_id
+        towers = [n for n, b in bundles.items() if b.tower is not None]
         state: UserState | None = None
-        if b.tower is not None or req.exclude_seen:
-            recent_n = max(b.recent_n, self.settings.recent_n if req.exclude_seen else 1)
+        if req.exclude_seen or (towers and (req.recent is None or req.attrs is None)):
+            recent_n = max([bundles[n].recent_n for n in towers] + [self.settings.recent_n if req.exclude_seen else 1])
             try:
                 [state] = await fetch_user_states(self.astores, [user_id],
                                                   self.watcher.versions.get(FEATURES_CHANNEL), recent_n)
+            except REDIS_ERRORS as exc:
+                raise HTTPError(503, f"Redis unavailable while reading user {user_id!r}: "
+                                     f"{type(exc).__name__}: {exc}") from None
             except (orjson.JSONDecodeError, ValueError, TypeError, IndexError) as exc:
                 raise HTTPError(503, f"user state of {user_id!r} in Redis is unreadable: {type(exc).__name__}: "
                                      f"{exc}") from None
-        if b.tower is not None:
-            recent = req.recent if req.recent is not None else state.recent_items
-            attrs = state.features.get("attrs") or {}
+        recent = req.recent if req.recent is not None else (state.recent_items if state else [])
+        attrs = req.attrs if req.attrs is not None else ((state.features.get("attrs") or {}) if state else {})
+        vectors: dict[str, tuple[np.ndarray, str]] = {}
+        for name in towers:
+            b = bundles[name]
+            maps = b.maps or self.maps
             try:
                 vec = b.tower_vector(maps.user.get(user_id), attrs, maps.item_indices(recent))
             except Exception as exc:
-                raise HTTPError(503, f"user tower of channel {b.channel!r} failed: {type(exc).__name__}: {exc}") from exc
+                out[name] = {"status": 503, "detail": f"user tower of channel {name!r} failed: "
+                                                      f"{type(exc).__name__}: {exc}"}
+                continue
             if np.isfinite(vec).all() and np.any(vec):
-                return vec, "tower", state
-        value = await self.astores("user_emb").get(self.ks.user_vector(b.publisher, b.version, user_id))
-        vec = unpack_user_vector(value, b.dim)
-        if vec is not None:
-            return vec, "precomputed", state
-        raise HTTPError(404, f"no vector for user {user_id!r} in channel {b.channel!r}")
-
-    async def search(self, req: SearchRequest) -> tuple[dict[str, Any], str]:
-        b = self.bundle_for(req.channel)
-        maps = b.maps or self.maps
-        state = None
-        if req.vector is not None:
+                vectors[name] = (vec, "tower")
+        fallback = [n for n in bundles if n not in vectors and n not in out]
+        if fallback:  # precomputed vectors: one MGET for every channel that needs one
             try:
-                q = np.asarray(req.vector, dtype=np.float32)
-            except (ValueError, TypeError):
-                raise HTTPError(422, "field 'vector' must be a list of numbers") from None
-            if q.ndim != 1 or len(q) != b.dim:
-                raise HTTPError(422, f"field 'vector' has dimension {len(req.vector)}; channel {req.channel!r} "
-                                     f"expects d={b.dim}")
-            if not np.isfinite(q).all():
-                raise HTTPError(422, "field 'vector' contains NaN or infinite values")
-            source = "vector"
-        else:
-            try:
-                q, source, state = await self.user_vector(b, req, maps)
+                values = await self.astores("user_emb").mget(
+                    [self.ks.user_vector(bundles[n].publisher, bundles[n].version, user_id) for n in fallback])
             except REDIS_ERRORS as exc:
-                raise HTTPError(503, f"Redis unavailable while reading user {req.user_id!r}: "
-                                     f"{type(exc).__name__}: {exc}") from None
+                values = None
+                for n in fallback:
+                    out[n] = {"status": 503, "detail": f"Redis unavailable while reading the vector of user "
+                                                       f"{user_id!r}: {type(exc).__name__}: {exc}"}
+            for n, value in zip(fallback, values or [], strict=False):
+                vec = unpack_user_vector(value, bundles[n].dim)
+                if vec is None:
+                    out[n] = {"status": 404, "detail": f"no vector for user {user_id!r} in channel {n!r}"}
+                else:
+                    vectors[n] = (vec, "precomputed")
         excl = req.exclude
         if req.exclude_seen and state is not None and state.seen:
             excl = [*excl, *state.seen]
-        exclude = np.asarray(maps.item_indices(excl), dtype=np.int64) if excl else None
+        for name, (vec, source) in vectors.items():
+            b = bundles[name]
+            maps = b.maps or self.maps
+            exclude = np.asarray(maps.item_indices(excl), dtype=np.int64) if excl else None
+            ids, scores = b.search(vec, req.channels[name], exclude)
+            res: dict[str, Any] = {"status": 200, "version": b.version, "source": source, "ids": ids, "scores": scores}
+            if req.item_ids:
+                res["item_ids"] = maps.external_items(ids)
+            out[name] = res
+        return {name: out[name] for name in req.channels}
+
+    async def search(self, req: SearchRequest) -> tuple[dict[str, Any], str]:
+        """POST /search: one channel, by explicit vector or by user (the one-channel case of `user_searches`)."""
+        if req.user_id is not None:
+            multi = UserSearchRequest(req.user_id, {req.channel: req.k}, req.exclude, req.recent, None,
+                                      req.exclude_seen, True)
+            res = (await self.user_searches(multi))[req.channel]
+            status = res.pop("status")
+            if status != 200:
+                raise HTTPError(status, res["detail"])
+            return {"channel": req.channel, **res}, res["source"]
+        b = self.bundle_for(req.channel)
+        maps = b.maps or self.maps
+        try:
+            q = np.asarray(req.vector, dtype=np.float32)
+        except (ValueError, TypeError):
+            raise HTTPError(422, "field 'vector' must be a list of numbers") from None
+        if q.ndim != 1 or len(q) != b.dim:
+            raise HTTPError(422, f"field 'vector' has dimension {len(req.vector)}; channel {req.channel!r} "
+                                 f"expects d={b.dim}")
+        if not np.isfinite(q).all():
+            raise HTTPError(422, "field 'vector' contains NaN or infinite values")
+        exclude = np.asarray(maps.item_indices(req.exclude), dtype=np.int64) if req.exclude else None
         ids, scores = b.search(q, req.k, exclude)
-        return {"channel": req.channel, "version": b.version, "source": source, "ids": ids,
-                "item_ids": maps.external_items(ids), "scores": scores}, source
+        return {"channel": req.channel, "version": b.version, "source": "vector", "ids": ids,
+                "item_ids": maps.external_items(ids), "scores": scores}, "vector"
 
     async def health(self) -> tuple[int, dict[str, Any]]:
         channels = {n: b.describe() for n, b in self.bundles.items()}
@@ -409,6 +496,42 @@ def create_app(settings: Settings | None = None, poll_s: float | None = None) ->
             return json_response({"detail": f"internal error: {type(exc).__name__}: {exc}"}, 500)
         resp = json_response(out)
         metrics.search_seconds.labels(channel, source).observe(time.perf_counter() - t0)
+        return resp
+
+    user_search_schema = {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["user_id", "channels"],
+            "properties": {
+                "user_id": {"type": "string"},
+                "channels": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 1,
+                                                                         "maximum": settings.max_k}},
+                "exclude": {"type": "array", "items": {"type": "string"}},
+                "recent": {"type": "array", "items": {"type": "string"}},
+                "attrs": {"type": "object"}, "exclude_seen": {"type": "boolean"},
+                "item_ids": {"type": "boolean", "default": True}}}}}}}
+
+    @app.post("/search/user", openapi_extra=user_search_schema)
+    async def search_user(request: Request) -> Response:
+        """Top-k of several channels for one user in one call (what the recall server uses); per-channel
+        failures are reported inside `results` with their status, the request itself answers 200."""
+        t0 = time.perf_counter()
+        try:
+            req = parse_user_search(await request.body(), settings.max_k)
+            results = await svc.user_searches(req)
+        except HTTPError as exc:
+            metrics.errors.labels("_multi", str(exc.status)).inc()
+            return json_response({"detail": exc.detail}, exc.status)
+        except Exception as exc:
+            log.exception("search/user failed")
+            metrics.errors.labels("_multi", "500").inc()
+            return json_response({"detail": f"internal error: {type(exc).__name__}: {exc}"}, 500)
+        resp = json_response({"user_id": req.user_id, "results": results})
+        dt = time.perf_counter() - t0
+        for name, res in results.items():
+            if res["status"] == 200:
+                metrics.search_seconds.labels(svc.alias.get(name, name), res["source"]).observe(dt)
+            else:
+                metrics.errors.labels(svc.alias.get(name, name), str(res["status"])).inc()
         return resp
 
     @app.get("/healthz")

@@ -90,6 +90,21 @@ class VectorClient:
             body["exclude_seen"] = True
         return await self._request("POST", "/search", body, timeout_s)
 
+    async def search_user_channels(self, user_id: str, channels: dict[str, int], exclude: list[str] | None = None,
+                                   recent: list[str] | None = None, attrs: dict[str, Any] | None = None,
+                                   item_ids: bool = True, timeout_s: float | None = None) -> dict[str, dict[str, Any]]:
+        """Top-k of several channels for one user in one call (POST /search/user): {channel: result}, where a
+        result is {"status": 200, "version", "source", "ids", "scores"[, "item_ids"]} or {"status", "detail"}.
+        Passing the user's `recent` items and `attrs` spares the server its own read of the user's state."""
+        body: dict[str, Any] = {"user_id": str(user_id), "channels": channels, "item_ids": item_ids}
+        if exclude:
+            body["exclude"] = exclude
+        if recent is not None:
+            body["recent"] = recent
+        if attrs is not None:
+            body["attrs"] = attrs
+        return (await self._request("POST", "/search/user", body, timeout_s))["results"]
+
     async def search_vector(self, channel: str, vector, k: int, exclude: list[str] | None = None,
                             timeout_s: float | None = None) -> dict[str, Any]:
         """Top-k of `channel` for an explicit query vector."""

@@ -37,7 +37,8 @@ class IndexParams(BaseModel):
     type: Literal["hnsw", "ivf", "flat"] = Field("hnsw", description="hnsw (default), ivf (IndexIVFFlat) or flat (exact)")
     M: int = Field(32, ge=4, le=256, description="hnsw: graph degree")
     ef_construction: int = Field(200, ge=8, le=4096, description="hnsw: build-time beam width")
-    ef_search: int = Field(256, ge=1, le=100_000, description="hnsw: search beam width (raised to k + excluded when larger)")
+    ef_search: int = Field(64, ge=1, le=100_000, description="hnsw: smallest search beam width")
+    ef_factor: float = Field(2.0, ge=1.0, le=64.0, description="hnsw: beam = max(ef_search, ef_factor · (k + excluded)) per query")
     nlist: int | None = Field(None, ge=1, description="ivf: number of lists (default 4·sqrt(n))")
     nprobe: int = Field(16, ge=1, description="ivf: lists visited per query")
 

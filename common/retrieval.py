@@ -32,21 +32,58 @@ def anchor_weights(n: int, decay: float) -> np.ndarray:
     return np.power(np.float32(decay), np.arange(n, dtype=np.float32))
 
 
+def group_sum(ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Group equal ids: (sorted unique ids, per-group sum of `values` in float64, the stable sort order, group
+    starts in that order). Sums add in input order within a group, exactly like np.bincount."""
+    order = np.argsort(ids, kind="stable")
+    s = ids[order]
+    first = np.empty(len(s), dtype=bool)
+    first[:1] = True
+    np.not_equal(s[1:], s[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    return s[starts], np.add.reduceat(values[order].astype(np.float64, copy=False), starts), order, starts
+
+
+def drop_sorted(uniq: np.ndarray, exclude: np.ndarray | None) -> np.ndarray | None:
+    """Boolean mask over sorted unique `uniq` that drops the `exclude` ids (None when nothing is dropped)."""
+    if exclude is None or not len(exclude) or not len(uniq):
+        return None
+    exclude = np.asarray(exclude)
+    pos = np.searchsorted(uniq, exclude)
+    inside = pos < len(uniq)
+    pos = pos[inside]
+    pos = pos[uniq[pos] == exclude[inside]]
+    if not len(pos):
+        return None
+    keep = np.ones(len(uniq), dtype=bool)
+    keep[pos] = False
+    return keep
+
+
 def aggregate(lists: list[tuple[np.ndarray, np.ndarray]], weights: np.ndarray, k: int,
               exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Σ_a weight_a · score_a(item) over neighbour lists, then top-k (i2i and u2u serving)."""
-    lists = [(ids, sc) for ids, sc in lists]
     if not lists:
         return EMPTY_IDS, EMPTY_SCORES
     ids = np.concatenate([x[0] for x in lists]).astype(np.int64, copy=False)
     if not len(ids):
         return EMPTY_IDS, EMPTY_SCORES
-    sc = np.concatenate([x[1] * np.float32(w) for x, w in zip(lists, weights, strict=True)])
-    valid = ids >= 0
-    ids, sc = ids[valid], sc[valid]
-    uniq, inv = np.unique(ids, return_inverse=True)
-    total = np.bincount(inv, weights=sc, minlength=len(uniq)).astype(np.float32)
-    return top_k(uniq, total, k, exclude)
+    sc = np.concatenate([x[1] for x in lists]).astype(np.float32, copy=False) * np.repeat(
+        np.asarray(weights, np.float32), [len(x[0]) for x in lists])
+    if ids.min() < 0:
+        valid = ids >= 0
+        ids, sc = ids[valid], sc[valid]
+        if not len(ids):
+            return EMPTY_IDS, EMPTY_SCORES
+    uniq, total, _, _ = group_sum(ids, sc)
+    total = total.astype(np.float32)
+    keep = drop_sorted(uniq, exclude)
+    if keep is not None:
+        uniq, total = uniq[keep], total[keep]
+    if len(uniq) > 4 * k:
+        return top_k(uniq, total, k)
+    order = np.argsort(-total, kind="stable")[:k]  # uniq is ascending: ties keep ascending id
+    return uniq[order], total[order]
 
 
 def retrieve_i2i(neighbor_lists: list[tuple[np.ndarray, np.ndarray]], k: int, decay: float, per_anchor: int,

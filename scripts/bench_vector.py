@@ -2,7 +2,8 @@
 
     .venv/bin/python -m scripts.bench_vector [--data DIR] [--n-items 100000] [--requests 2000] [--json OUT]
 
-1. recall@200 of the served index (HNSW M=32, efConstruction=80, efSearch=256) vs exact inner-product search
+1. recall@200 of the served index (the channel-config defaults: HNSW M=32, efConstruction=200, efSearch = max(64,
+   2·k)) vs exact inner-product search
    on real embeddings: every u2i channel published in the Redis at REDIS_URL, else MF (ALS) trained on
    ml-100k through the channel registry; and on a synthetic clustered catalogue (100k × 64).
 2. latency of POST /search (k=200) by user_id — tower and precomputed vector — and by explicit vector, against a
@@ -39,7 +40,7 @@ from common.local_redis import LocalRedis, free_port  # noqa: E402
 from common.publish import read_manifest  # noqa: E402
 from common.redis_conn import RedisStores  # noqa: E402
 from common.settings import Settings  # noqa: E402
-from services.vector_server.index import build_index, read_item_vectors  # noqa: E402
+from services.vector_server.index import build_index, read_item_vectors, search_ef  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 200
@@ -60,14 +61,15 @@ def recall_vs_exact(name: str, items: np.ndarray, queries: np.ndarray, k: int = 
     exact = faiss.IndexFlatIP(items.shape[1])
     exact.add(items)
     _, want = exact.search(queries, kk)
-    sp = faiss.SearchParametersHNSW(efSearch=max(params.ef_search, kk)) if params.type == "hnsw" else None
+    ef = search_ef(params.ef_search, params.ef_factor, kk)
+    sp = faiss.SearchParametersHNSW(efSearch=ef) if params.type == "hnsw" else None
     _, got = index.search(queries, kk, params=sp)
     rec = np.mean([len(np.intersect1d(g[g >= 0], w)) / kk for g, w in zip(got, want, strict=True)])
     sweep = {}
     if params.type == "hnsw":  # what a larger ef_search would buy on this data
-        for ef in (384, 512):
-            _, g2 = index.search(queries, kk, params=faiss.SearchParametersHNSW(efSearch=ef))
-            sweep[f"recall@{k} ef={ef}"] = round(float(np.mean(
+        for ef2 in (256, 2 * ef):
+            _, g2 = index.search(queries, kk, params=faiss.SearchParametersHNSW(efSearch=ef2))
+            sweep[f"recall@{k} ef={ef2}"] = round(float(np.mean(
                 [len(np.intersect1d(g[g >= 0], w)) / kk for g, w in zip(g2, want, strict=True)])), 4)
     lat = []
     for q in queries[:300]:
@@ -75,7 +77,7 @@ def recall_vs_exact(name: str, items: np.ndarray, queries: np.ndarray, k: int = 
         index.search(q[None], kk, params=sp)
         lat.append(time.perf_counter() - t)
     return {"dataset": name, "n_items": len(items), "dim": items.shape[1], "queries": len(queries), "k": kk,
-            "index": desc, f"recall@{k}": round(float(rec), 4), "build_s": round(build_s, 2),
+            "index": desc, "ef": ef if params.type == "hnsw" else None, f"recall@{k}": round(float(rec), 4), "build_s": round(build_s, 2),
             "query_p50_ms": round(float(np.median(lat)) * 1e3, 3), **sweep}
 
 

@@ -183,7 +183,8 @@ def stack(tmp_path_factory):
         })
         port = free_port()
         env = {**os.environ, "REDIS_URL": rds.url, "ARTIFACTS_DIR": str(tmp / "artifacts"), "CHANNELS_CONFIG": str(cfg),
-               "VECTOR_POLL_S": "0.2", "OMP_NUM_THREADS": "1"}
+               "VECTOR_POLL_S": "0.2", "OMP_NUM_THREADS": "1",
+               "VECTOR_USER_CACHE_MB": "0"}  # precomputed user vectors read from Redis per request here
         server = ServerProcess(["services.vector_server", "serve", "--port", str(port)], env, port,
                                tmp / "server.log").start()
         try:
@@ -478,24 +479,31 @@ def test_hot_swap_under_concurrent_requests(stores, settings, start_server, tmp_
 # -- Redis outage ------------------------------------------------------------------------------------------------
 
 def test_redis_down_user_search_503_vector_search_still_answers(start_server, tmp_path):
-    cfg = write_config(tmp_path, {"channels": {"tw": {"kind": "u2i", "model": "two_tower"}}})
+    cfg = write_config(tmp_path, {"channels": {"tw": {"kind": "u2i", "model": "two_tower"},
+                                                "flat": {"kind": "u2i", "model": "mf", "index": {"type": "flat"}}}})
     rds = LocalRedis().start()
     try:
         stores = RedisStores(rds.url, Keyspace())
         items = clustered_items()
         v = publish(stores, cfg, "tw", items, user_vectors(), True, tmp_path / "artifacts")
+        vflat = publish(stores, cfg, "flat", items, user_vectors(), False, tmp_path / "artifacts")
         publish_maps(stores)
         push_event(stores, "u1", "i60", 100)
         stores.close()
         server = start_server(["services.vector_server", "serve", "--poll-s", "0.2"],
                               {"CHANNELS_CONFIG": str(cfg), "REDIS_URL": rds.url})
-        wait_versions(server.url, {"tw": v})
+        wait_versions(server.url, {"tw": v, "flat": vflat})
         body = post(server.url, {"channel": "tw", "k": 5, "user_id": "u1"}).json()
         assert body["source"] == "tower" and set(cluster_of(body["ids"])) == {1}
     finally:
         rds.stop()
     r = post(server.url, {"channel": "tw", "k": 5, "user_id": "u1"})
     assert r.status_code == 503 and "Redis" in r.json()["detail"]
+    # precomputed user vectors are held in memory (VECTOR_USER_CACHE_MB): no Redis needed
+    r = post(server.url, {"channel": "flat", "k": 5, "user_id": "u3"})
+    assert r.status_code == 200 and r.json()["source"] == "precomputed"
+    assert r.json()["ids"] == exact_top(items, user_vectors()[3], 5).tolist()
+    assert post(server.url, {"channel": "flat", "k": 5, "user_id": "ghost"}).status_code == 404
     r = post(server.url, {"channel": "tw", "k": 5, "vector": np.eye(D)[2].tolist()})
     assert r.status_code == 200 and set(cluster_of(r.json()["ids"])) == {2} and r.json()["version"] == v
     # the recall server's call carries the user's recent items and attributes: the tower needs no Redis

@@ -229,7 +229,8 @@ class VectorService:
             if current is not None and current.version == target:
                 return
             try:
-                bundle = await asyncio.to_thread(load_bundle, self.stores, self.specs[name], target, self.maps)
+                bundle = await asyncio.to_thread(load_bundle, self.stores, self.specs[name], target, self.maps,
+                                                 self.settings.vector_user_cache_mb * 2**20)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -364,8 +365,18 @@ class VectorService:
                 continue
             if np.isfinite(vec).all() and np.any(vec):
                 vectors[name] = (vec, "tower")
-        fallback = [n for n in bundles if n not in vectors and n not in out]
-        if fallback:  # precomputed vectors: one MGET for every channel that needs one
+        fallback = []
+        for n in bundles:  # precomputed vectors: from memory, else one MGET for every channel that needs one
+            if n in vectors or n in out:
+                continue
+            cached, vec = bundles[n].cached_user_vector(user_id)
+            if not cached:
+                fallback.append(n)
+            elif vec is None:
+                out[n] = {"status": 404, "detail": f"no vector for user {user_id!r} in channel {n!r}"}
+            else:
+                vectors[n] = (vec, "precomputed")
+        if fallback:
             try:
                 values = await self.astores("user_emb").mget(
                     [self.ks.user_vector(bundles[n].publisher, bundles[n].version, user_id) for n in fallback])

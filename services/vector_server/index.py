@@ -77,6 +77,11 @@ def load_id_maps(stores: RedisStores) -> IdMaps:
     return IdMaps.build(item, user, int(blobs[2] or 0), int(blobs[3] or 0))
 
 
+def search_ef(ef_search: int, ef_factor: float, kk: int) -> int:
+    """HNSW beam for a query asking kk results: max(ef_search, ef_factor · kk) (faiss does not raise it with k)."""
+    return max(ef_search, int(ef_factor * kk))
+
+
 def build_index(vectors: np.ndarray, params: IndexParams) -> tuple[faiss.Index, list[Any], str]:
     """Inner-product faiss index of the configured type; returns (index, objects to keep alive, description)."""
     n, d = vectors.shape
@@ -89,7 +94,8 @@ def build_index(vectors: np.ndarray, params: IndexParams) -> tuple[faiss.Index, 
         index.hnsw.efConstruction = params.ef_construction
         index.hnsw.efSearch = params.ef_search
         index.add(vectors)
-        return index, [], f"hnsw(M={params.M},efC={params.ef_construction},ef={params.ef_search})"
+        return index, [], (f"hnsw(M={params.M},efC={params.ef_construction},"
+                           f"ef=max({params.ef_search},{params.ef_factor:g}·k))")
     nlist = params.nlist or max(1, int(round(4 * math.sqrt(n))))
     nlist = max(1, min(nlist, n))
     quantizer = faiss.IndexFlatIP(d)
@@ -119,23 +125,34 @@ class Bundle:
     index: faiss.Index
     row_to_item: np.ndarray | None  # faiss row → item index; None when identity
     normalize: bool  # cosine metric: queries are L2-normalised (items were at load)
-    ef_search: int = 256
+    ef_search: int = 64
+    ef_factor: float = 2.0
     nprobe: int = 16
     tower: Any = None  # torch.jit.ScriptModule
     tower_meta: dict[str, Any] = field(default_factory=dict)
     tower_error: str | None = None
     maps: IdMaps | None = None  # private id maps (artifacts dir) when the published ones are too short
+    user_vectors: np.ndarray | None = None  # precomputed user vectors held in memory (rows: user index), or None
+    user_present: np.ndarray | None = None  # bool per row: the version has a vector for that user
+    user_map: IdMap | None = None  # the user id map the rows follow
     manifest: dict[str, Any] = field(default_factory=dict)
     load_s: float = 0.0
     loaded_at: float = field(default_factory=time.time)
     keep: list[Any] = field(default_factory=list)
     _default_params: Any = None
+    _ef_params: dict[int, Any] = field(default_factory=dict)  # efSearch → reusable faiss search parameters
 
     def __post_init__(self) -> None:
         if self.index_type == "hnsw":
             self._default_params = faiss.SearchParametersHNSW(efSearch=self.ef_search)
         elif self.index_type == "ivf":
             self._default_params = faiss.SearchParametersIVF(nprobe=self.index.nprobe)
+
+    def _hnsw_params(self, ef: int) -> faiss.SearchParametersHNSW:
+        params = self._ef_params.get(ef)
+        if params is None:
+            params = self._ef_params[ef] = faiss.SearchParametersHNSW(efSearch=ef)
+        return params
 
     @property
     def recent_n(self) -> int:
@@ -151,8 +168,8 @@ class Bundle:
         if self.normalize:
             q = q / max(float(np.linalg.norm(q)), 1e-12)
         params = self._default_params
-        if self.index_type == "hnsw" and kk > self.ef_search:
-            params = faiss.SearchParametersHNSW(efSearch=kk)  # faiss does not raise efSearch to k itself
+        if self.index_type == "hnsw":  # faiss does not raise efSearch with k itself (it returns fewer results)
+            params = self._hnsw_params(search_ef(self.ef_search, self.ef_factor, kk))
         scores, rows = self.index.search(q, kk, params=params)
         rows, scores = rows[0], scores[0]
         if rows[-1] < 0:  # fewer results than asked (tiny catalogue or graph misses)
@@ -163,6 +180,15 @@ class Bundle:
             keep = ~np.isin(ids, exclude)
             ids, scores = ids[keep], scores[keep]
         return ids[:k].astype(np.int64, copy=False), scores[:k]
+
+    def cached_user_vector(self, user_id: str) -> tuple[bool, np.ndarray | None]:
+        """(True, vector or None) when the precomputed vectors are in memory; (False, None): ask Redis."""
+        if self.user_vectors is None:
+            return False, None
+        i = self.user_map.get(user_id)
+        if 0 <= i < len(self.user_vectors) and self.user_present[i]:
+            return True, self.user_vectors[i]
+        return True, None
 
     def tower_vector(self, user_idx: int, attrs: dict[str, Any] | None, recent_idx: list[int]) -> np.ndarray:
         """User vector from the TorchScript tower for one user (contract: common/tower_inputs.py)."""
@@ -197,6 +223,23 @@ def read_item_vectors(stores: RedisStores, publisher: str, version: str, n_items
     return vectors, None if identity else rows.astype(np.int64)
 
 
+def read_user_vectors(stores: RedisStores, publisher: str, version: str, user_ids: list[str],
+                      dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Precomputed vectors of `user_ids` (one row each, zeros where missing) and the mask of those present."""
+    ks, client = stores.keyspace, stores("user_emb")
+    nbytes = 4 * dim
+    out = np.zeros((len(user_ids), dim), dtype=np.float32)
+    present = np.zeros(len(user_ids), dtype=bool)
+    for start in range(0, len(user_ids), MGET_BATCH):
+        part = user_ids[start:start + MGET_BATCH]
+        values = client.mget([ks.user_vector(publisher, version, u) for u in part])
+        for j, v in enumerate(values):
+            if v is not None and len(v) == nbytes:
+                out[start + j] = np.frombuffer(v, dtype="<f4")
+                present[start + j] = True
+    return out, present
+
+
 def load_tower(blob: bytes, meta: dict[str, Any], dim: int) -> Any:
     """Load a TorchScript user tower and check it answers the contract with the channel's dimension."""
     module = torch.jit.load(io.BytesIO(blob), map_location="cpu")
@@ -222,8 +265,12 @@ def _file_maps(manifest: dict[str, Any]) -> IdMaps | None:
         return None
 
 
-def load_bundle(stores: RedisStores, spec: ChannelSpec, version: str, maps: IdMaps | None = None) -> Bundle:
-    """Read a published u2i version from Redis and build its index and tower (blocking; run in a thread)."""
+def load_bundle(stores: RedisStores, spec: ChannelSpec, version: str, maps: IdMaps | None = None,
+                user_cache_bytes: int = 0) -> Bundle:
+    """Read a published u2i version from Redis and build its index and tower (blocking; run in a thread).
+
+    Its precomputed user vectors are loaded too when they fit in `user_cache_bytes`, so a search by user needs
+    no Redis read; otherwise they are read per request."""
     t0 = time.perf_counter()
     publisher = spec.publisher
     manifest = read_manifest(stores, publisher, version)
@@ -261,11 +308,18 @@ def load_bundle(stores: RedisStores, spec: ChannelSpec, version: str, maps: IdMa
         private_maps = load_id_maps(stores)
         if len(private_maps.item) < n_items:
             private_maps = _file_maps(manifest) or private_maps
+    user_vectors = user_present = user_map = None
+    n_users = int((manifest.get("counts") or {}).get("user_vectors", 0))
+    if 0 < n_users and n_users * dim * 4 <= user_cache_bytes:
+        user_map = (private_maps or maps or load_id_maps(stores)).user
+        users = user_map.ids[:n_users]
+        user_vectors, user_present = read_user_vectors(stores, publisher, version, list(users), dim)
     return Bundle(channel=spec.name, publisher=publisher, version=version, dim=dim, n_items=n_items,
                   n_indexed=int(index.ntotal), index_type=spec.index.type if len(vectors) else "flat",
                   index_desc=desc, index=index, row_to_item=rows, normalize=normalize,
-                  ef_search=spec.index.ef_search, nprobe=spec.index.nprobe, tower=tower, tower_meta=tower_meta,
-                  tower_error=tower_error, maps=private_maps, manifest=manifest,
+                  ef_search=spec.index.ef_search, ef_factor=spec.index.ef_factor, nprobe=spec.index.nprobe, tower=tower, tower_meta=tower_meta,
+                  tower_error=tower_error, maps=private_maps, manifest=manifest, user_vectors=user_vectors,
+                  user_present=user_present, user_map=user_map,
                   load_s=time.perf_counter() - t0, keep=keep)
 
 
@@ -276,5 +330,5 @@ def unpack_user_vector(value: bytes | None, dim: int) -> np.ndarray | None:
     return np.frombuffer(value, dtype="<f4")
 
 
-__all__ = ["Bundle", "IdMaps", "LoadError", "build_index", "load_bundle", "load_id_maps", "read_item_vectors",
+__all__ = ["Bundle", "IdMaps", "LoadError", "build_index", "search_ef", "load_bundle", "load_id_maps", "read_item_vectors", "read_user_vectors",
            "unpack_user_vector"]

@@ -11,13 +11,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import orjson
+from cachetools import LRUCache
 
 from common import retrieval
 from common.features import UserState
 from common.keyspace import unpack_neighbors
 from common.merge import normalise
-from services.vector_server.client import VectorServerUnavailable
 from services.recall_server.state import ChannelView, NeighborRecentCache, Snapshot, recent_indices
+from services.vector_server.client import VectorServerUnavailable
 
 EMPTY = (retrieval.EMPTY_IDS, retrieval.EMPTY_SCORES)
 
@@ -49,13 +50,39 @@ class Result:
     version: str | None = None  # the version that actually served (vector server's own for u2i)
 
 
+class ListCache:
+    """Packed neighbour lists of hot items, bounded in bytes (LRU). A list never changes under its versioned
+    key, so a cached copy is always exact; a new version reads new keys and the old ones age out."""
+
+    def __init__(self, max_bytes: int):
+        self.enabled = max_bytes > 0
+        self._lru: LRUCache = LRUCache(maxsize=max(max_bytes, 1), getsizeof=lambda v: len(v) + 64)
+
+    async def mget(self, client, keys: list[str]) -> list[bytes]:
+        """Values of `keys` (b"" for a missing key): cached ones from memory, the rest in one MGET."""
+        if not self.enabled:
+            return [v or b"" for v in await client.mget(keys)]
+        lru = self._lru
+        values = [lru.get(k) for k in keys]
+        missing = [j for j, v in enumerate(values) if v is None]
+        if missing:
+            fetched = await client.mget([keys[j] for j in missing])
+            for j, v in zip(missing, fetched, strict=True):
+                v = v or b""
+                values[j] = v
+                if len(v) + 64 <= lru.maxsize:
+                    lru[keys[j]] = v
+        return values
+
+
 class I2IRetriever:
-    """Recent items → one MGET of their neighbour lists → recency-weighted aggregation."""
+    """Recent items → their neighbour lists (hot ones from memory, the rest in one MGET) → recency-weighted
+    aggregation."""
 
     kind = "i2i"
 
-    def __init__(self, astores):
-        self.astores, self.ks = astores, astores.keyspace
+    def __init__(self, astores, cache: ListCache):
+        self.astores, self.ks, self.cache = astores, astores.keyspace, cache
 
     async def retrieve(self, view: ChannelView, ctx: RequestContext, n: int) -> Result:
         serve = view.spec.serve
@@ -63,7 +90,7 @@ class I2IRetriever:
         if not len(anchors):
             raise ChannelEmpty("no recent item known to the item id map")
         ks, store, pub, ver = self.ks, view.store, view.spec.publisher, view.version
-        values = await self.astores(store).mget([ks.i2i(store, pub, ver, i) for i in anchors.tolist()])
+        values = await self.cache.mget(self.astores(store), [ks.i2i(store, pub, ver, i) for i in anchors.tolist()])
         lists = [unpack_neighbors(v) for v in values]
         ids, scores = retrieval.retrieve_i2i(lists, n, serve.recency_decay, serve.per_anchor, ctx.exclude_idx)
         return Result(ids, scores, ver)
@@ -74,15 +101,16 @@ class U2URetriever:
 
     kind = "u2u"
 
-    def __init__(self, astores, cache: NeighborRecentCache):
-        self.astores, self.ks, self.cache = astores, astores.keyspace, cache
+    def __init__(self, astores, cache: NeighborRecentCache, lists: ListCache):
+        self.astores, self.ks, self.cache, self.lists = astores, astores.keyspace, cache, lists
 
     async def retrieve(self, view: ChannelView, ctx: RequestContext, n: int) -> Result:
         serve, snap = view.spec.serve, ctx.snap
         fver = snap.features_version
         if not fver:
             raise ChannelEmpty("no user features published (neighbours' histories unknown)")
-        value = await self.astores(view.store).get(self.ks.u2u(view.store, view.spec.publisher, view.version, ctx.user_id))
+        key = self.ks.u2u(view.store, view.spec.publisher, view.version, ctx.user_id)
+        (value,) = await self.lists.mget(self.astores(view.store), [key])
         nb, sims = unpack_neighbors(value)
         nb, sims = nb[: serve.per_anchor], sims[: serve.per_anchor]
         keep = (nb >= 0) & (nb < len(snap.user_ids))

@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     recall_port: int = 8000
     feature_url: str = Field(default="http://127.0.0.1:8001", description="Feature server base URL.")
     vector_url: str = Field(default="http://127.0.0.1:8002", description="Vector server base URL (used by the recall server).")
+    vector_mode: Literal["remote", "embedded"] = Field(default="remote", description="Recall server's u2i channels: 'remote' asks the vector server over HTTP; 'embedded' runs the same search code inside each recall worker (no HTTP hop, each worker holds every index).")
 
     recent_n: int = Field(default=50, description="How many recent clicks a user record keeps.")
     top_categories_n: int = Field(default=5, description="How many top categories a user record keeps.")

@@ -337,6 +337,36 @@ def test_health_metrics_and_docs(stack):
 
 # -- failures and version changes ------------------------------------------------------------------
 
+def test_embedded_vector_mode_answers_like_the_vector_server(stack):
+    """VECTOR_MODE=embedded: the recall worker runs the vector server's search itself (no HTTP hop)."""
+    port = free_port()
+    proc = ServerProcess(["services.recall_server", "serve", "--port", str(port)],
+                         {**stack["env"], "VECTOR_MODE": "embedded", "VECTOR_URL": f"http://127.0.0.1:{free_port()}"},
+                         port, stack["root"] / "recall-embedded.log").start()
+    vec = stack["procs"]["vector"]
+    try:
+        with httpx.Client(base_url=proc.url, timeout=10.0) as client:
+            wait_until_served(client, stack["versions"])
+            health = client.get("/healthz").json()
+            assert health["vector_mode"] == "embedded" and health["vector"]["loaded"] == {"mf": stack["versions"]["mf"]}
+            users = warm_users(stack, 5)
+            remote = {u: recall(stack, user_id=u, k=50, channels="mf") for u in users}
+            os.killpg(vec.proc.pid, signal.SIGSTOP)  # the embedded answers do not need the vector server
+            try:
+                for u in users:
+                    r = client.get("/recall", params={"user_id": u, "k": 50, "channels": "mf"})
+                    assert r.status_code == 200
+                    body = r.json()
+                    assert body["channels"]["mf"]["status"] == "ok"
+                    assert [i["item_id"] for i in body["items"]] == [i["item_id"] for i in remote[u]["items"]]
+                    np.testing.assert_allclose([i["score"] for i in body["items"]],
+                                               [i["score"] for i in remote[u]["items"]], rtol=1e-5)
+            finally:
+                os.killpg(vec.proc.pid, signal.SIGCONT)
+    finally:
+        proc.stop()
+
+
 def test_vector_server_slow_gives_timeouts(stack):
     vec = stack["procs"]["vector"]
     user = warm_users(stack)[0]

@@ -130,7 +130,13 @@ class RecallService:
                 FEATURES_CHANNEL: snap.features_version})
         self.enabled = [c.name for c in self.state.enabled]
         u2i = [c.timeout_ms for c in self.state.enabled if c.kind == "u2i"]
-        self.vector_client = VectorClient(settings.vector_url, timeout_s=max(u2i) / 1000.0) if u2i else None
+        self.vector_client = None  # VectorClient (HTTP to the vector server) or EmbeddedVectorSearch (in-process)
+        if u2i and settings.vector_mode == "embedded":
+            from services.vector_server.embedded import EmbeddedVectorSearch
+
+            self.vector_client = EmbeddedVectorSearch(settings)
+        elif u2i:
+            self.vector_client = VectorClient(settings.vector_url, timeout_s=max(u2i) / 1000.0)
         self.list_cache = ListCache(settings.recall_list_cache_mb * 2**20)
         self.retrievers = {"i2i": I2IRetriever(self.astores, self.list_cache),
                            "u2u": U2URetriever(self.astores, self.state.neighbor_cache, self.list_cache),
@@ -140,6 +146,8 @@ class RecallService:
 
     async def start(self) -> None:
         await self.state.start()
+        if self.settings.vector_mode == "embedded" and self.vector_client is not None:
+            await self.vector_client.start()
         await self.warm_up()
 
     async def warm_up(self) -> None:
@@ -150,7 +158,7 @@ class RecallService:
                 await self.astores(store).ping()
             except Exception as exc:  # Redis down at start-up: requests answer 503 until it is back
                 log.warning("Redis store %s not reachable at start-up: %s", store, exc)
-        if self.vector_client is not None:
+        if self.vector_client is not None and self.settings.vector_mode == "remote":
             try:
                 await self.vector_client.healthz(timeout_s=2.0)
             except Exception as exc:
@@ -298,7 +306,14 @@ class RecallService:
         except Exception as exc:
             return 503, {"status": "unavailable", "detail": f"Redis unavailable: {type(exc).__name__}: {exc}"}
         channels = {name: ("ok" if not v.unavailable else v.unavailable) for name, v in snap.views.items()}
-        return 200, {"status": "ok", "redis": "ok", "versions": snap.versions, "channels": channels}
+        body = {"status": "ok", "redis": "ok", "vector_mode": self.settings.vector_mode, "versions": snap.versions,
+                "channels": channels}
+        if self.settings.vector_mode == "embedded" and self.vector_client is not None:
+            svc = self.vector_client.service  # indexes loaded in this worker (what `make up` waits for)
+            body["vector"] = {"loaded": {n: b.version for n, b in svc.bundles.items()},
+                              "not_loaded": {n: svc.load_error.get(n) or "loading" for n in svc.specs
+                                             if n not in svc.bundles}}
+        return 200, body
 
 
 def _json(status: int, body: dict) -> Response:

@@ -1,0 +1,47 @@
+"""The vector server's search running inside another process (the recall server's workers, VECTOR_MODE=embedded).
+
+Same code as the HTTP server (`VectorService`: version watching, hot swaps, towers, faiss), minus the HTTP hop:
+on small and medium catalogues that hop costs more CPU per request than the searches themselves. Each
+process that embeds it holds its own copy of every index (see docs/vector_server.md for when to choose it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from common.settings import Settings
+from services.vector_server.app import HTTPError, UserSearchRequest, VectorService, configure_threads
+from services.vector_server.client import VectorBadRequest, VectorServerUnavailable
+
+
+class EmbeddedVectorSearch:
+    """Drop-in for `VectorClient` on the recall server's path: `search_user_channels` and `healthz`."""
+
+    def __init__(self, settings: Settings):
+        configure_threads(settings.omp_threads)
+        self.service = VectorService(settings)
+
+    async def start(self) -> None:
+        """Load the id maps and start watching versions (indexes load in the background)."""
+        await self.service.start()
+
+    async def aclose(self) -> None:
+        await self.service.stop()
+
+    async def search_user_channels(self, user_id: str, channels: dict[str, int], exclude: list[str] | None = None,
+                                   recent: list[str] | None = None, attrs: dict[str, Any] | None = None,
+                                   item_ids: bool = True, timeout_s: float | None = None) -> dict[str, dict[str, Any]]:
+        """Same contract as `VectorClient.search_user_channels` (per-channel status inside the result)."""
+        req = UserSearchRequest(str(user_id), channels, exclude or [], recent, attrs, False, item_ids)
+        try:
+            return await self.service.user_searches(req)
+        except HTTPError as exc:
+            if exc.status < 500:
+                raise VectorBadRequest(exc.detail, exc.status) from None
+            raise VectorServerUnavailable(exc.detail, exc.status) from None
+
+    async def healthz(self, timeout_s: float | None = None) -> dict[str, Any]:
+        status, body = await self.service.health()
+        if status != 200:
+            raise VectorServerUnavailable(str(body.get("detail")), status)
+        return body

@@ -11,11 +11,11 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import redis
 
-from common.keyspace import Keyspace, pack_json, unpack_json
+from common.keyspace import pack_json, unpack_json
 from common.redis_conn import RedisStores
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def new_version() -> str:
     """Sortable, unique version id, e.g. 20261123T072751123-4f1a."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}-{os.urandom(2).hex()}"
 
 

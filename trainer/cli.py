@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -30,10 +29,10 @@ def synth(users: int = typer.Option(10_000, help="number of users"),
 
 
 @app.command()
-def nightly(data: Optional[Path] = typer.Option(None, help="dataset directory (default: built-in synthetic data)"),
-            config: Optional[Path] = typer.Option(None, help="channel config (default: $CHANNELS_CONFIG)"),
-            redis_url: Optional[str] = typer.Option(None, help="Redis URL (default: $REDIS_URL)"),
-            artifacts: Optional[Path] = typer.Option(None, help="artifacts dir (default: $ARTIFACTS_DIR)")) -> None:
+def nightly(data: Path | None = typer.Option(None, help="dataset directory (default: built-in synthetic data)"),
+            config: Path | None = typer.Option(None, help="channel config (default: $CHANNELS_CONFIG)"),
+            redis_url: str | None = typer.Option(None, help="Redis URL (default: $REDIS_URL)"),
+            artifacts: Path | None = typer.Option(None, help="artifacts dir (default: $ARTIFACTS_DIR)")) -> None:
     """Load, validate, build features, fit and publish every enabled channel atomically."""
     from trainer.nightly import run_nightly_cli
 
@@ -44,8 +43,8 @@ def nightly(data: Optional[Path] = typer.Option(None, help="dataset directory (d
 @app.command()
 def evaluate(data: Path = typer.Option(..., help="dataset directory"),
              out: Path = typer.Option(..., help="report directory"),
-             config: Optional[Path] = typer.Option(None, help="channel config (default: $CHANNELS_CONFIG)"),
-             channels: Optional[str] = typer.Option(None, help="comma-separated subset of channels"),
+             config: Path | None = typer.Option(None, help="channel config (default: $CHANNELS_CONFIG)"),
+             channels: str | None = typer.Option(None, help="comma-separated subset of channels"),
              repeats: int = typer.Option(1, help="timed fits per channel (median); the protocol uses 3"),
              tune: bool = typer.Option(False, help="grid-search merge weights on the validation split")) -> None:
     """Score every enabled channel and the merged list under shared PROTOCOL.md."""
@@ -57,7 +56,7 @@ def evaluate(data: Path = typer.Option(..., help="dataset directory"),
 
 @app.command()
 def schedule(at: str = typer.Option("02:00", help="daily run time, HH:MM local time"),
-             data: Optional[Path] = typer.Option(None, help="dataset directory"),
+             data: Path | None = typer.Option(None, help="dataset directory"),
              run_now_if_empty: bool = typer.Option(True, help="run once at start when nothing is published")) -> None:
     """Run the nightly job every day at AT (and once at start if nothing is published)."""
     from trainer.schedule import run_schedule

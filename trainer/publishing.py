@@ -59,9 +59,9 @@ def publish_channel(stores: RedisStores, spec: ChannelSpec, artifacts: Artifacts
         if isinstance(art, NeighborArtifact):
             store = nn_store(spec, kind)
             if kind == "i2i":
-                keyf = lambda r: ks.i2i(store, name, ver, r)  # noqa: E731
+                keyf = lambda r, store=store: ks.i2i(store, name, ver, r)  # noqa: E731
             else:
-                keyf = lambda r: ks.u2u(store, name, ver, data.user_map.ids[r])  # noqa: E731
+                keyf = lambda r, store=store: ks.u2u(store, name, ver, data.user_map.ids[r])  # noqa: E731
             with bar(art.neighbors.shape[0], kind) as b:
                 items = ((keyf(r), pack_neighbors(ids, sc)) for r, ids, sc in _rows(art))
                 n = pub.write(store, items, progress=b.update)

@@ -207,20 +207,23 @@ def wait_healthy(settings, svc: Service, rec: dict, timeout: float = 180.0) -> N
                      f"see {rec['log']}")
 
 
-def wait_vector_loaded(rec: dict, timeout: float = 300.0) -> None:
-    """Wait until the vector server has loaded every published u2i channel (its /healthz says 'loading …')."""
+def wait_vector_loaded(rec: dict, timeout: float = 300.0, embedded: bool = False) -> None:
+    """Wait until the vector server (or, `embedded`, the recall server's workers) has loaded every published u2i
+    channel (its /healthz says 'loading …' for those it has not)."""
     url = f"http://127.0.0.1:{rec['port']}/healthz"
     deadline, said = time.monotonic() + timeout, False
     while time.monotonic() < deadline:
         try:
-            loading = [c for c, why in (httpx.get(url, timeout=5.0).json().get("not_loaded") or {}).items()
-                       if str(why).startswith("loading")]
+            body = httpx.get(url, timeout=5.0).json()
+            not_loaded = (body.get("vector") or {}).get("not_loaded") if embedded else body.get("not_loaded")
+            loading = [c for c, why in (not_loaded or {}).items() if str(why).startswith("loading")]
         except (httpx.TransportError, ValueError):
             loading = ["?"]
         if not loading:
             return
         if not said:
-            say(f"vector server loading its indexes ({', '.join(loading)})")
+            say(f"{'recall server (VECTOR_MODE=embedded)' if embedded else 'vector server'} loading its indexes "
+                f"({', '.join(loading)})")
             said = True
         time.sleep(0.5)
     say(f"the vector server is still loading after {timeout:.0f}s; u2i channels answer once it is done")
@@ -292,6 +295,8 @@ def up(data: Path | None = None, recall_workers: int = 1, settings=None) -> dict
             wait_vector_loaded(recs[svc.name])
     for svc in SERVICES:
         wait_healthy(settings, svc, recs[svc.name])
+    if settings.vector_mode == "embedded":  # the recall workers load the indexes themselves
+        wait_vector_loaded(recs["recall"], embedded=True)
     urls = service_urls(settings)
     say("stack is up:")
     for name, u in urls.items():

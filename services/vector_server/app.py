@@ -78,18 +78,24 @@ def _id_list(body: dict, name: str) -> list[str] | None:
     return [str(x) for x in v]
 
 
-def parse_search(raw: bytes, max_k: int) -> SearchRequest:
-    """Validate a /search body; every failure names the field."""
+def _json_object(raw: bytes, required: str, allowed: list[str]) -> dict:
+    """The body as a JSON object with only `allowed` fields (422 naming the problem otherwise)."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise HTTPError(422, f"body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise HTTPError(422, "body must be a JSON object with 'channel', 'k' and one of 'vector' / 'user_id'")
-    unknown = sorted(set(body) - {"channel", "k", "vector", "user_id", "exclude", "recent", "exclude_seen"})
+        raise HTTPError(422, f"body must be a JSON object with {required}")
+    unknown = sorted(set(body) - set(allowed))
     if unknown:
-        raise HTTPError(422, f"unknown field(s) {unknown}; allowed: channel, k, vector, user_id, exclude, recent, "
-                             "exclude_seen")
+        raise HTTPError(422, f"unknown field(s) {unknown}; allowed: {', '.join(allowed)}")
+    return body
+
+
+def parse_search(raw: bytes, max_k: int) -> SearchRequest:
+    """Validate a /search body; every failure names the field."""
+    body = _json_object(raw, "'channel', 'k' and one of 'vector' / 'user_id'",
+                        ["channel", "k", "vector", "user_id", "exclude", "recent", "exclude_seen"])
     channel = body.get("channel")
     if not isinstance(channel, str) or not channel:
         raise HTTPError(422, "field 'channel' is required and must be a non-empty string")
@@ -129,16 +135,8 @@ class UserSearchRequest:
 
 def parse_user_search(raw: bytes, max_k: int) -> UserSearchRequest:
     """Validate a /search/user body; every failure names the field."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise HTTPError(422, f"body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise HTTPError(422, "body must be a JSON object with 'user_id' and 'channels'")
-    allowed = {"user_id", "channels", "exclude", "recent", "attrs", "exclude_seen", "item_ids"}
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise HTTPError(422, f"unknown field(s) {unknown}; allowed: {', '.join(sorted(allowed))}")
+    body = _json_object(raw, "'user_id' and 'channels'",
+                        ["user_id", "channels", "exclude", "recent", "attrs", "exclude_seen", "item_ids"])
     user_id = body.get("user_id")
     if isinstance(user_id, bool) or not isinstance(user_id, (str, int)) or user_id == "":
         raise HTTPError(422, "field 'user_id' is required and must be a non-empty string")

@@ -1,7 +1,8 @@
-"""`make bench`: every benchmark in turn, each writing its own section of docs/benchmarks.md.
+"""`make bench`: every benchmark in turn.
 
 Runs scripts/bench_quality.py, scripts/bench_two_tower.py and scripts/bench_vector.py when they exist,
-then scripts/bench_serving.py. Each runs as its own process (so one failing does not stop the others);
+then scripts/bench_serving.py. Quality, two-tower and serving rewrite their sections of docs/benchmarks.md;
+bench_vector prints its figures and writes var/bench/vector_server.json (quoted in docs/vector_server.md). Each runs as its own process (so one failing does not stop the others);
 the exit code is non-zero if any failed.
 """
 

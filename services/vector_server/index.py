@@ -312,8 +312,11 @@ def load_bundle(stores: RedisStores, spec: ChannelSpec, version: str, maps: IdMa
     n_users = int((manifest.get("counts") or {}).get("user_vectors", 0))
     if 0 < n_users and n_users * dim * 4 <= user_cache_bytes:
         user_map = (private_maps or maps or load_id_maps(stores)).user
-        users = user_map.ids[:n_users]
-        user_vectors, user_present = read_user_vectors(stores, publisher, version, list(users), dim)
+        if len(user_map) >= n_users:  # else (a map older than the version) read vectors per request
+            users = user_map.ids[:n_users]
+            user_vectors, user_present = read_user_vectors(stores, publisher, version, list(users), dim)
+        else:
+            user_map = None
     return Bundle(channel=spec.name, publisher=publisher, version=version, dim=dim, n_items=n_items,
                   n_indexed=int(index.ntotal), index_type=spec.index.type if len(vectors) else "flat",
                   index_desc=desc, index=index, row_to_item=rows, normalize=normalize,

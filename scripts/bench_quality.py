@@ -30,7 +30,8 @@ CLASSIC_MODELS = ("popular", "itemcf", "usercf", "mf", "fm")
 
 
 def classic_config(config: Path | None) -> Path:
-    """The channel config with every channel whose model (or source's model) is not classic disabled."""
+    """The channel config with every classic channel enabled (FM too, which the shipped config leaves off) and
+    every other one disabled."""
     import yaml
 
     src = config or ROOT / "config" / "channels.yaml"
@@ -38,8 +39,7 @@ def classic_config(config: Path | None) -> Path:
     chans = raw["channels"]
     for entry in chans.values():
         model = entry.get("model") or chans.get(entry.get("from"), {}).get("model")
-        if model not in CLASSIC_MODELS:
-            entry["enabled"] = False
+        entry["enabled"] = model in CLASSIC_MODELS
     out = WORK / "classic_channels.yaml"
     out.write_text(yaml.safe_dump(raw, sort_keys=False))
     return out
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         classic = bench_nightly(ML100K, "ml-100k, classic channels", classic_cfg, args.timeout)
         lines = [nightly_table([shipped, classic]), ""]
         for r, what in ((shipped, f"every enabled channel of `{args.config or 'config/channels.yaml'}`"),
-                        (classic, "its classic channels only (" + ", ".join(CLASSIC_MODELS) + "; others disabled)")):
+                        (classic, "its classic channels only (" + ", ".join(CLASSIC_MODELS) + " enabled, FM's three entries included; others disabled)")):
             verdict = "within" if r["wall_s"] < 60 and r["rc"] == 0 else "NOT within"
             lines.append(f"- {what}: {r['wall_s']:.1f} s end to end ({verdict} the 60 s target).")
         lines.append(f"\nMeasured {datetime.now():%Y-%m-%d %H:%M}.")

@@ -60,6 +60,17 @@ def stores(settings):
     s.close()
 
 
+# A small channel config for the end-to-end stack tests (make up / compose): one channel of each kind but u2u.
+TINY_CONFIG = """
+default_k: 50
+channels:
+  popular: {kind: list, model: popular, weight: 0.3, quota: 30}
+  itemcf: {kind: i2i, model: itemcf, quota: 60, params: {k: 50}}
+  mf: {kind: u2i, model: mf, quota: 60, timeout_ms: 1000, params: {factors: 16, iterations: 5}}
+  mf_i2i: {kind: i2i, from: mf, weight: 0.3, quota: 30}
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import ROOT, free_port
+from conftest import ROOT, TINY_CONFIG, free_port
 
 from common.keyspace import Keyspace
 from common.publish import current_version
@@ -22,14 +22,6 @@ from common.redis_conn import RedisStores
 
 COMPOSE = ROOT / "docker-compose.yml"
 APP_SERVICES = ("nightly", "feature", "vector", "recall")
-TINY_CONFIG = """
-default_k: 50
-channels:
-  popular: {kind: list, model: popular, weight: 0.3, quota: 30}
-  itemcf: {kind: i2i, model: itemcf, quota: 60, params: {k: 50}}
-  mf: {kind: u2i, model: mf, quota: 60, timeout_ms: 1000, params: {factors: 16, iterations: 5}}
-  mf_i2i: {kind: i2i, from: mf, weight: 0.3, quota: 30}
-"""
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, free_port
-
-TINY_CONFIG = """
-default_k: 50
-channels:
-  popular: {kind: list, model: popular, weight: 0.3, quota: 30}
-  itemcf: {kind: i2i, model: itemcf, quota: 60, params: {k: 50}}
-  mf: {kind: u2i, model: mf, quota: 60, timeout_ms: 500, params: {factors: 16, iterations: 5}}
-  mf_i2i: {kind: i2i, from: mf, weight: 0.3, quota: 30}
-"""
+from conftest import ROOT, TINY_CONFIG, free_port
 
 
 def alive(pid: int) -> bool:

@@ -392,10 +392,13 @@ class VectorService:
         excl = req.exclude
         if req.exclude_seen and state is not None and state.seen:
             excl = [*excl, *state.seen]
+        excluded: dict[int, np.ndarray | None] = {}  # per id-map object: channels almost always share one
         for name, (vec, source) in vectors.items():
             b = bundles[name]
             maps = b.maps or self.maps
-            exclude = np.asarray(maps.item_indices(excl), dtype=np.int64) if excl else None
+            if id(maps) not in excluded:
+                excluded[id(maps)] = np.asarray(maps.item_indices(excl), dtype=np.int64) if excl else None
+            exclude = excluded[id(maps)]
             ids, scores = b.search(vec, req.channels[name], exclude)
             res: dict[str, Any] = {"status": 200, "version": b.version, "source": source, "ids": ids, "scores": scores}
             if req.item_ids:

@@ -10,7 +10,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from common.retrieval import drop_sorted, group_sum
+from common import kernels
+from common.retrieval import sorted_ids
 
 QUOTA_BONUS = 1e6  # in-quota candidates always rank above fill candidates
 
@@ -66,27 +67,19 @@ def merge(outputs: list[ChannelOutput], k: int, exclude: np.ndarray | None = Non
     candidates of each channel rank ahead of the rest, which only fill up to k. Ties: ascending item id.
     """
     names = [o.name for o in outputs]
-    live = [(c, o) for c, o in enumerate(outputs) if len(o.ids) and o.weight > 0]
-    if not live:
+    lens = [len(o.ids) if o.weight > 0 else 0 for o in outputs]
+    if not any(lens):
         return Merged(np.empty(0, np.int64), np.empty(0, np.float32), np.zeros((0, len(outputs)), np.int32), names)
-    lens = [len(o.ids) for _, o in live]
-    ids = np.concatenate([np.asarray(o.ids, np.int64) for _, o in live])
-    contrib = np.concatenate([normalise(np.asarray(o.scores, np.float32), normalize, rank_offset) * np.float32(o.weight)
-                              for _, o in live])
-    chan = np.repeat(np.array([c for c, _ in live], np.int32), lens)
-    rank = np.concatenate([np.arange(1, n + 1, dtype=np.int32) for n in lens])
-    in_quota_each = rank <= np.repeat(np.array([o.quota for _, o in live], np.int32), lens)
-    uniq, total, order, starts = group_sum(ids, contrib)
-    in_quota = np.logical_or.reduceat(in_quota_each[order], starts)
-    group = np.empty(len(ids), np.int64)  # candidate → its row in uniq
-    group[order] = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(ids))))
-    keep = drop_sorted(uniq, exclude)
-    key = total + in_quota * QUOTA_BONUS
-    if keep is not None:
-        key[~keep] = -np.inf
-    top = np.argsort(-key, kind="stable")[:k]  # uniq is ascending: ties keep ascending id
-    if keep is not None:
-        top = top[keep[top]]
-    ranks = np.zeros((len(uniq), len(outputs)), np.int32)
-    ranks[group, chan] = rank
-    return Merged(uniq[top], total[top].astype(np.float32), ranks[top], names)
+    if normalize not in ("rank", "minmax"):
+        raise ValueError(f"unknown normalisation {normalize!r} (rank or minmax)")
+    live = [o for o, n in zip(outputs, lens, strict=True) if n]
+    ids = np.concatenate([o.ids for o in live]).astype(np.int64, copy=False)
+    scores = np.concatenate([o.scores for o in live]).astype(np.float32, copy=False)
+    bounds = np.zeros(len(outputs) + 1, np.int64)
+    np.cumsum(lens, out=bounds[1:])
+    weights = np.array([o.weight for o in outputs], np.float64)
+    quotas = np.array([o.quota for o in outputs], np.int64)
+    out_ids, out_scores, ranks = kernels.merge_kernel(ids, scores, bounds, weights, quotas, normalize == "rank",
+                                                      float(rank_offset), sorted_ids(exclude), int(k), QUOTA_BONUS,
+                                                      kernels.scratch(int(ids.max())))
+    return Merged(out_ids, out_scores, ranks, names)

@@ -139,6 +139,25 @@ def top_k_kernel(ids, scores, exclude, k):
 
 
 @njit(**_NOPYTHON)
+def filter_kernel(ids, scores, exclude, n_known, k):
+    """Keep order; drop ids outside [0, n_known) and those in `exclude` (ascending); at most k."""
+    size = min(len(ids), k)
+    out_i = np.empty(size, np.int64)
+    out_s = np.empty(size, np.float32)
+    m = 0
+    for j in range(len(ids)):
+        if m >= k:
+            break
+        x = ids[j]
+        if x < 0 or x >= n_known or (len(exclude) and _sorted_member(exclude, x)):
+            continue
+        out_i[m] = x
+        out_s[m] = scores[j]
+        m += 1
+    return out_i[:m], out_s[:m]
+
+
+@njit(**_NOPYTHON)
 def merge_kernel(ids, scores, bounds, weights, quotas, rank_norm, rank_offset, exclude, k, quota_bonus, slots):
     """The merge of `common.merge.merge` over concatenated channel outputs.
 
@@ -218,6 +237,7 @@ def warm_up() -> None:
     i64, f32, i32 = np.array([2, 1, 1], np.int64), np.array([0.5, 0.25, 0.25], np.float32), np.empty(0, np.int64)
     aggregate_kernel(i64, f32, np.array([1, 2], np.int64), np.ones(2, np.float32), i32, 2, scratch(2))
     top_k_kernel(i64, f32, i32, 2)
+    filter_kernel(i64, f32, i32, 3, 2)
     for rank_norm in (True, False):
         merge_kernel(i64, f32, np.array([0, 1, 3], np.int64), np.ones(2, np.float64), np.ones(2, np.int64),
                      rank_norm, 20.0, i32, 2, 1e6, scratch(2))

@@ -21,6 +21,7 @@ import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from common import kernels
 from common.channel_config import ChannelConfig, load_config
 from common.features import fetch_user_states
 from common.keyspace import FEATURES_CHANNEL, Keyspace
@@ -151,7 +152,9 @@ class RecallService:
         await self.warm_up()
 
     async def warm_up(self) -> None:
-        """Open a connection to every store and the vector server now, not on the first request."""
+        """Compile the merge kernels and open a connection to every store and the vector server now, not on
+        the first request."""
+        kernels.warm_up()
         stores = {"meta", "user_features", *(v.store for v in self.state.snapshot.views.values() if v.store)}
         for store in stores:
             try:
@@ -183,7 +186,7 @@ class RecallService:
         seen = [index.get(i, -1) for i in user.seen]
         if p.exclude:
             seen += [index.get(i, -1) for i in p.exclude]
-        exclude_idx = np.array([i for i in seen if i >= 0], dtype=np.int64)
+        exclude_idx = np.unique(np.array([i for i in seen if i >= 0], dtype=np.int64))
         cold = not user.recent
         names = p.channels or self.enabled
         views = [snap.views[n] for n in names]
@@ -215,9 +218,14 @@ class RecallService:
                 tasks.append((view, n))
         if vector_sizes:
             ctx.vector_call = self.retrievers["u2i"].start(ctx, vector_sizes)
-        tasks = [asyncio.ensure_future(self._run(view, ctx, n, statuses, results)) for view, n in tasks]
-        if tasks:
-            await asyncio.sleep(0)  # let the I/O of every channel start before the in-memory ones use the CPU
+            if self.settings.vector_mode == "remote":
+                await asyncio.sleep(0)  # send the vector server its work before this worker computes the rest
+        # channels whose lists are all in memory answer inline; the others (I/O) run as concurrent tasks
+        pending = []
+        for view, n in tasks:
+            if view.spec.kind == "u2i" or not self._run_cached(view, ctx, n, statuses, results):
+                pending.append(asyncio.ensure_future(self._run(view, ctx, n, statuses, results)))
+        tasks = pending
         for view in views:
             if view.spec.kind == "list" and view.spec.name not in statuses:
                 self._run_list(view, ctx, request_size("list", view.spec.quota, p.k, total_quota), statuses, results)
@@ -268,6 +276,23 @@ class RecallService:
         except Exception as exc:  # one failing channel never fails the request
             status, detail = "error", f"{type(exc).__name__}: {exc}"[:300]
         self._record(spec.name, status, detail, t0, results, statuses)
+
+    def _run_cached(self, view: ChannelView, ctx: RequestContext, n: int, statuses: dict, results: dict) -> bool:
+        """Answer an i2i/u2u channel inline when everything it reads is in memory; False when it needs I/O."""
+        t0 = time.perf_counter()
+        detail = None
+        try:
+            res = self.retrievers[view.spec.kind].retrieve_cached(view, ctx, n)
+            if res is None:
+                return False
+            status = "ok" if len(res.ids) else "empty"
+            results[view.spec.name] = res
+        except ChannelEmpty as exc:
+            status, detail = "empty", str(exc)
+        except Exception as exc:
+            status, detail = "error", f"{type(exc).__name__}: {exc}"[:300]
+        self._record(view.spec.name, status, detail, t0, results, statuses)
+        return True
 
     def _run_list(self, view: ChannelView, ctx: RequestContext, n: int, statuses: dict, results: dict) -> None:
         t0 = time.perf_counter()

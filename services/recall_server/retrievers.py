@@ -7,13 +7,13 @@ indices through the same `common.retrieval` functions the evaluator uses.
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import orjson
-from cachetools import LRUCache
 
-from common import retrieval
+from common import kernels, retrieval
 from common.features import UserState
 from common.keyspace import unpack_neighbors
 from common.merge import normalise
@@ -35,7 +35,7 @@ class RequestContext:
     user: UserState
     snap: Snapshot
     recent_idx: np.ndarray  # the user's recent items (newest first) as internal indices, unknown ids dropped
-    exclude_idx: np.ndarray  # seen + explicitly excluded items, internal indices
+    exclude_idx: np.ndarray  # seen + explicitly excluded items, internal indices, ascending
     exclude_ext: list[str]  # the request's `exclude` (external ids)
     cold: bool
     k: int
@@ -50,29 +50,43 @@ class Result:
     version: str | None = None  # the version that actually served (vector server's own for u2i)
 
 
+Neighbors = tuple[np.ndarray, np.ndarray]
+
+
 class ListCache:
-    """Packed neighbour lists of hot items, bounded in bytes (LRU). A list never changes under its versioned
-    key, so a cached copy is always exact; a new version reads new keys and the old ones age out."""
+    """Unpacked neighbour lists of hot anchors, bounded in bytes (LRU). A list never changes under its versioned
+    key, so a cached copy is always exact; a new version uses new cache keys and the old ones age out.
+
+    Keyed by (artifact, anchor) tuples, not by Redis key strings: a hit costs no key formatting and no unpacking.
+    """
 
     def __init__(self, max_bytes: int):
         self.enabled = max_bytes > 0
-        self._lru: LRUCache = LRUCache(maxsize=max(max_bytes, 1), getsizeof=lambda v: len(v) + 64)
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._d: OrderedDict[tuple, Neighbors] = OrderedDict()
 
-    async def mget(self, client, keys: list[str]) -> list[bytes]:
-        """Values of `keys` (b"" for a missing key): cached ones from memory, the rest in one MGET."""
-        if not self.enabled:
-            return [v or b"" for v in await client.mget(keys)]
-        lru = self._lru
-        values = [lru.get(k) for k in keys]
-        missing = [j for j, v in enumerate(values) if v is None]
-        if missing:
-            fetched = await client.mget([keys[j] for j in missing])
-            for j, v in zip(missing, fetched, strict=True):
-                v = v or b""
-                values[j] = v
-                if len(v) + 64 <= lru.maxsize:
-                    lru[keys[j]] = v
-        return values
+    def get_many(self, artifact: tuple, anchors: list) -> list[Neighbors | None]:
+        """Cached lists of `anchors` (None where not cached)."""
+        d = self._d
+        found = [d.get((artifact, a)) for a in anchors]
+        for a, v in zip(anchors, found, strict=True):
+            if v is not None:
+                d.move_to_end((artifact, a))
+        return found
+
+    def put(self, artifact: tuple, anchor, value: bytes | None) -> Neighbors:
+        """Unpack a value read from Redis (None: a missing key, an empty list) and keep it if there is room."""
+        lists = unpack_neighbors(value)
+        cost = len(value or b"") + 128
+        if self.enabled and cost <= self.max_bytes:
+            d = self._d
+            d[(artifact, anchor)] = lists
+            self.size += cost
+            while self.size > self.max_bytes:
+                _, (ids, _sc) = d.popitem(last=False)
+                self.size -= 8 * len(ids) + 128
+        return lists
 
 
 class I2IRetriever:
@@ -84,16 +98,34 @@ class I2IRetriever:
     def __init__(self, astores, cache: ListCache):
         self.astores, self.ks, self.cache = astores, astores.keyspace, cache
 
-    async def retrieve(self, view: ChannelView, ctx: RequestContext, n: int) -> Result:
-        serve = view.spec.serve
-        anchors = ctx.recent_idx[: serve.recent_n]
-        if not len(anchors):
+    def _lookup(self, view: ChannelView, ctx: RequestContext) -> tuple[tuple, list[int], list[Neighbors | None]]:
+        anchors = ctx.recent_idx[: view.spec.serve.recent_n].tolist()
+        if not anchors:
             raise ChannelEmpty("no recent item known to the item id map")
-        ks, store, pub, ver = self.ks, view.store, view.spec.publisher, view.version
-        values = await self.cache.mget(self.astores(store), [ks.i2i(store, pub, ver, i) for i in anchors.tolist()])
-        lists = [unpack_neighbors(v) for v in values]
+        artifact = ("i2i", view.store, view.spec.publisher, view.version)
+        return artifact, anchors, self.cache.get_many(artifact, anchors)
+
+    def _aggregate(self, view: ChannelView, ctx: RequestContext, lists: list[Neighbors], n: int) -> Result:
+        serve = view.spec.serve
         ids, scores = retrieval.retrieve_i2i(lists, n, serve.recency_decay, serve.per_anchor, ctx.exclude_idx)
-        return Result(ids, scores, ver)
+        return Result(ids, scores, view.version)
+
+    def retrieve_cached(self, view: ChannelView, ctx: RequestContext, n: int) -> Result | None:
+        """The answer when every list it needs is in memory (no I/O, no task), else None."""
+        _, _, found = self._lookup(view, ctx)
+        if any(v is None for v in found):
+            return None
+        return self._aggregate(view, ctx, found, n)
+
+    async def retrieve(self, view: ChannelView, ctx: RequestContext, n: int) -> Result:
+        artifact, anchors, found = self._lookup(view, ctx)
+        missing = [j for j, v in enumerate(found) if v is None]
+        if missing:
+            ks, store, pub, ver = self.ks, view.store, view.spec.publisher, view.version
+            values = await self.astores(store).mget([ks.i2i(store, pub, ver, anchors[j]) for j in missing])
+            for j, v in zip(missing, values, strict=True):
+                found[j] = self.cache.put(artifact, anchors[j], v)
+        return self._aggregate(view, ctx, found, n)
 
 
 class U2URetriever:
@@ -104,24 +136,47 @@ class U2URetriever:
     def __init__(self, astores, cache: NeighborRecentCache, lists: ListCache):
         self.astores, self.ks, self.cache, self.lists = astores, astores.keyspace, cache, lists
 
-    async def retrieve(self, view: ChannelView, ctx: RequestContext, n: int) -> Result:
-        serve, snap = view.spec.serve, ctx.snap
-        fver = snap.features_version
-        if not fver:
+    def _artifact(self, view: ChannelView, ctx: RequestContext) -> tuple:
+        if not ctx.snap.features_version:
             raise ChannelEmpty("no user features published (neighbours' histories unknown)")
-        key = self.ks.u2u(view.store, view.spec.publisher, view.version, ctx.user_id)
-        (value,) = await self.lists.mget(self.astores(view.store), [key])
-        nb, sims = unpack_neighbors(value)
-        nb, sims = nb[: serve.per_anchor], sims[: serve.per_anchor]
+        return ("u2u", view.store, view.spec.publisher, view.version)
+
+    def _neighbours(self, view: ChannelView, ctx: RequestContext, value: Neighbors) -> tuple[np.ndarray, list[str]]:
+        serve, snap = view.spec.serve, ctx.snap
+        nb, sims = value[0][: serve.per_anchor], value[1][: serve.per_anchor]
         keep = (nb >= 0) & (nb < len(snap.user_ids))
         nb, sims = nb[keep], sims[keep]
         if not len(nb):
             raise ChannelEmpty("user has no neighbour list in this version")
-        uids = snap.user_ids[nb].tolist()
-        recents = await self.neighbor_recent(fver, uids, snap)
-        recents = [r[: serve.neighbor_items] for r in recents]
-        ids, scores = retrieval.retrieve_u2u(sims, recents, n, ctx.exclude_idx)
+        return sims, snap.user_ids[nb].tolist()
+
+    def _aggregate(self, view: ChannelView, ctx: RequestContext, sims: np.ndarray, recents: list[np.ndarray],
+                   n: int) -> Result:
+        k = view.spec.serve.neighbor_items
+        ids, scores = retrieval.retrieve_u2u(sims, [r[:k] for r in recents], n, ctx.exclude_idx)
         return Result(ids, scores, view.version)
+
+    def retrieve_cached(self, view: ChannelView, ctx: RequestContext, n: int) -> Result | None:
+        """The answer when the user's neighbour list and every neighbour's history are in memory, else None."""
+        (value,) = self.lists.get_many(self._artifact(view, ctx), [ctx.user_id])
+        if value is None:
+            return None
+        sims, uids = self._neighbours(view, ctx, value)
+        recents, missing = self.cache.get_many(ctx.snap.features_version, uids)
+        if missing:
+            return None
+        return self._aggregate(view, ctx, sims, recents, n)
+
+    async def retrieve(self, view: ChannelView, ctx: RequestContext, n: int) -> Result:
+        artifact = self._artifact(view, ctx)
+        (value,) = self.lists.get_many(artifact, [ctx.user_id])
+        if value is None:
+            key = self.ks.u2u(view.store, view.spec.publisher, view.version, ctx.user_id)
+            (raw,) = await self.astores(view.store).mget([key])
+            value = self.lists.put(artifact, ctx.user_id, raw)
+        sims, uids = self._neighbours(view, ctx, value)
+        recents = await self.neighbor_recent(ctx.snap.features_version, uids, ctx.snap)
+        return self._aggregate(view, ctx, sims, recents, n)
 
     async def neighbor_recent(self, fver: str, uids: list[str], snap: Snapshot) -> list[np.ndarray]:
         """Recent item indices of each user in `uids` (batch records; one MGET for the ones not cached)."""
@@ -167,12 +222,10 @@ class VectorRetriever:
             raise ChannelEmpty(f"vector server: {res.get('detail')}")
         if status != 200:
             raise VectorServerUnavailable(f"vector server: {status}: {res.get('detail')}", status)
-        ids = np.asarray(res["ids"], dtype=np.int64)
-        scores = np.asarray(res["scores"], dtype=np.float32)
-        keep = (ids >= 0) & (ids < len(ctx.snap.item_ids))
-        if len(ctx.exclude_idx):
-            keep &= ~np.isin(ids, ctx.exclude_idx)
-        return Result(ids[keep][:n], scores[keep][:n], res.get("version", view.version))
+        ids, scores = kernels.filter_kernel(np.asarray(res["ids"], dtype=np.int64),
+                                            np.asarray(res["scores"], dtype=np.float32), ctx.exclude_idx,
+                                            len(ctx.snap.item_ids), n)
+        return Result(ids, scores, res.get("version", view.version))
 
 
 def _retrieve_exception(fut: asyncio.Future) -> None:

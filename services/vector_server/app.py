@@ -30,10 +30,12 @@ from prometheus_client import (
     generate_latest,
 )
 
+from common import kernels
 from common.channel_config import ChannelSpec, load_config
 from common.features import UserState, fetch_user_states
 from common.keyspace import FEATURES_CHANNEL, Keyspace
 from common.redis_conn import AsyncRedisStores, RedisStores
+from common.retrieval import sorted_ids
 from common.settings import Settings, get_settings
 from common.versions import VersionWatcher
 from services.vector_server.index import Bundle, IdMaps, load_bundle, load_id_maps, unpack_user_vector
@@ -285,6 +287,7 @@ class VectorService:
             await asyncio.sleep(self.poll_s)
 
     async def start(self) -> None:
+        kernels.warm_up()  # compiled filters: loaded now, not on the first search
         try:
             await self._refresh_maps()
         except Exception as exc:
@@ -397,7 +400,7 @@ class VectorService:
             b = bundles[name]
             maps = b.maps or self.maps
             if id(maps) not in excluded:
-                excluded[id(maps)] = np.asarray(maps.item_indices(excl), dtype=np.int64) if excl else None
+                excluded[id(maps)] = sorted_ids(maps.item_indices(excl)) if excl else None
             exclude = excluded[id(maps)]
             ids, scores = b.search(vec, req.channels[name], exclude)
             res: dict[str, Any] = {"status": 200, "version": b.version, "source": source, "ids": ids, "scores": scores}

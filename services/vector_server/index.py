@@ -18,10 +18,12 @@ import faiss
 import numpy as np
 import torch
 
+from common import kernels
 from common.channel_config import ChannelSpec, IndexParams
 from common.ids import IdMap
 from common.publish import read_manifest
 from common.redis_conn import RedisStores
+from common.retrieval import sorted_ids
 from common.tower_inputs import encode_user_inputs
 
 log = logging.getLogger(__name__)
@@ -177,8 +179,8 @@ class Bundle:
             rows, scores = rows[ok], scores[ok]
         ids = rows if self.row_to_item is None else self.row_to_item[rows]
         if n_ex:
-            keep = ~np.isin(ids, exclude)
-            ids, scores = ids[keep], scores[keep]
+            return kernels.filter_kernel(ids.astype(np.int64, copy=False), scores, sorted_ids(exclude),
+                                         np.iinfo(np.int64).max, k)
         return ids[:k].astype(np.int64, copy=False), scores[:k]
 
     def cached_user_vector(self, user_id: str) -> tuple[bool, np.ndarray | None]:

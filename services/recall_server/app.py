@@ -38,10 +38,11 @@ from services.recall_server.retrievers import (
     Result,
     U2URetriever,
     VectorRetriever,
+    i2i_artifact,
     is_new_user,
     new_user_categories,
 )
-from services.recall_server.state import ChannelView, ServingState
+from services.recall_server.state import ChannelView, ServingState, Snapshot
 from services.vector_server.client import VectorClient, VectorNotFound, VectorServerTimeout
 
 log = logging.getLogger("recall_server")
@@ -126,9 +127,8 @@ class RecallService:
         self.ks = Keyspace.from_settings(settings)
         self.astores = AsyncRedisStores(settings.redis_url, self.ks, timeout_s=settings.redis_timeout_s)
         self.state = ServingState(config, self.astores)
-        self.state.on_snapshot = lambda snap: metrics.set_versions(
-            {c.name: snap.versions.get(c.publisher) for c in self.state.enabled} | {
-                FEATURES_CHANNEL: snap.features_version})
+        self.state.on_snapshot = self._on_snapshot
+        self._warm_task: asyncio.Task | None = None
         self.enabled = [c.name for c in self.state.enabled]
         u2i = [c.timeout_ms for c in self.state.enabled if c.kind == "u2i"]
         self.vector_client = None  # VectorClient (HTTP to the vector server) or EmbeddedVectorSearch (in-process)
@@ -167,7 +167,47 @@ class RecallService:
             except Exception as exc:
                 log.warning("vector server %s not reachable at start-up: %s", self.settings.vector_url, exc)
 
+    def _on_snapshot(self, snap: Snapshot) -> None:
+        self.metrics.set_versions({c.name: snap.versions.get(c.publisher) for c in self.state.enabled} | {
+            FEATURES_CHANNEL: snap.features_version})
+        if self.list_cache.enabled and any(v.spec.kind == "i2i" and not v.unavailable for v in snap.views.values()):
+            if self._warm_task is not None:
+                self._warm_task.cancel()
+            self._warm_task = asyncio.get_running_loop().create_task(self._warm_lists(snap))
+
+    async def _warm_lists(self, snap: Snapshot, chunk: int = 500) -> None:
+        """Fill the list cache with the i2i lists of the most popular items (the likeliest anchors), in the
+        background after a version change, up to 3/4 of its budget: requests then rarely wait for Redis."""
+        order = popularity_order(snap)
+        views = [v for v in snap.views.values() if v.spec.kind == "i2i" and not v.unavailable]
+        if not len(order) or not views:
+            return
+        cache, ks, t0 = self.list_cache, self.ks, time.perf_counter()
+        try:
+            for a in range(0, len(order), chunk):
+                items = order[a:a + chunk].tolist()
+                for v in views:
+                    if cache.size > 0.75 * cache.max_bytes or self.state.snapshot is not snap:
+                        return
+                    artifact = i2i_artifact(v)
+                    todo = [i for i, x in zip(items, cache.get_many(artifact, items), strict=True) if x is None]
+                    if todo:
+                        values = await self.astores(v.store).mget([ks.i2i(v.store, v.spec.publisher, v.version, i)
+                                                                   for i in todo])
+                        for i, value in zip(todo, values, strict=True):
+                            cache.put(artifact, i, value, v.spec.serve.per_anchor)
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # Redis down: the cache fills from requests instead
+            log.warning("list cache warm-up stopped: %s: %s", type(exc).__name__, exc)
+            return
+        finally:
+            log.info("list cache: %.0f MB after warm-up (%.1fs)", cache.size / 2**20, time.perf_counter() - t0)
+
     async def stop(self) -> None:
+        if self._warm_task is not None:
+            self._warm_task.cancel()
         await self.state.stop()
         if self.vector_client is not None:
             await self.vector_client.aclose()
@@ -339,6 +379,17 @@ class RecallService:
                               "not_loaded": {n: svc.load_error.get(n) or "loading" for n in svc.specs
                                              if n not in svc.bundles}}
         return 200, body
+
+
+def popularity_order(snap: Snapshot) -> np.ndarray:
+    """Item indices, most popular first: the first published list channel's global list, then the rest by id."""
+    for view in snap.views.values():
+        if view.spec.kind == "list" and view.lists:
+            ids = next(iter(view.lists.values()))[0] if "global" not in view.lists else view.lists["global"][0]
+            ids = ids[(ids >= 0) & (ids < len(snap.item_ids))]
+            rest = np.setdiff1d(np.arange(len(snap.item_ids)), ids, assume_unique=True)
+            return np.concatenate([ids, rest]).astype(np.int64)
+    return np.arange(len(snap.item_ids), dtype=np.int64)
 
 
 def _json(status: int, body: dict) -> Response:

@@ -75,10 +75,14 @@ class ListCache:
                 d.move_to_end((artifact, a))
         return found
 
-    def put(self, artifact: tuple, anchor, value: bytes | None) -> Neighbors:
-        """Unpack a value read from Redis (None: a missing key, an empty list) and keep it if there is room."""
-        lists = unpack_neighbors(value)
-        cost = len(value or b"") + 128
+    def put(self, artifact: tuple, anchor, value: bytes | None, limit: int | None = None) -> Neighbors:
+        """Unpack a value read from Redis (None: a missing key, an empty list), keep its first `limit` entries
+        (all: None) if there is room, and return them."""
+        ids, scores = unpack_neighbors(value)
+        if limit is not None and len(ids) > limit:  # copies, so the whole value is not kept alive
+            ids, scores = ids[:limit].copy(), scores[:limit].copy()
+        lists = (ids, scores)
+        cost = 8 * len(ids) + 128
         if self.enabled and cost <= self.max_bytes:
             d = self._d
             d[(artifact, anchor)] = lists
@@ -87,6 +91,11 @@ class ListCache:
                 _, (ids, _sc) = d.popitem(last=False)
                 self.size -= 8 * len(ids) + 128
         return lists
+
+
+def i2i_artifact(view: ChannelView) -> tuple:
+    """List-cache key prefix of a channel's i2i lists (serve.per_anchor included: only that much is kept)."""
+    return ("i2i", view.store, view.spec.publisher, view.version, view.spec.serve.per_anchor)
 
 
 class I2IRetriever:
@@ -102,8 +111,7 @@ class I2IRetriever:
         anchors = ctx.recent_idx[: view.spec.serve.recent_n].tolist()
         if not anchors:
             raise ChannelEmpty("no recent item known to the item id map")
-        artifact = ("i2i", view.store, view.spec.publisher, view.version)
-        return artifact, anchors, self.cache.get_many(artifact, anchors)
+        return i2i_artifact(view), anchors, self.cache.get_many(i2i_artifact(view), anchors)
 
     def _aggregate(self, view: ChannelView, ctx: RequestContext, lists: list[Neighbors], n: int) -> Result:
         serve = view.spec.serve
@@ -124,7 +132,7 @@ class I2IRetriever:
             ks, store, pub, ver = self.ks, view.store, view.spec.publisher, view.version
             values = await self.astores(store).mget([ks.i2i(store, pub, ver, anchors[j]) for j in missing])
             for j, v in zip(missing, values, strict=True):
-                found[j] = self.cache.put(artifact, anchors[j], v)
+                found[j] = self.cache.put(artifact, anchors[j], v, view.spec.serve.per_anchor)
         return self._aggregate(view, ctx, found, n)
 
 

@@ -340,6 +340,21 @@ def wait_ready(port: int, user: str, proc: subprocess.Popen, log: Path, timeout:
     raise SystemExit(f"the stack never answered with every channel ok: {last and last['channels']}")
 
 
+def wait_warm(port: int, timeout: float = 300) -> None:
+    """Wait until the recall workers' background cache fills are done (their /healthz `warming` is empty in 10
+    answers in a row, so every worker was asked), so they do not share the CPU with the measurement."""
+    import httpx
+
+    deadline, quiet = time.monotonic() + timeout, 0
+    while quiet < 10 and time.monotonic() < deadline:
+        try:
+            body = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()
+            quiet = quiet + 1 if not body.get("warming") else 0
+        except (httpx.TransportError, ValueError):
+            quiet = 0
+        time.sleep(0.2 if quiet else 1.0)
+
+
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -405,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-embedded", action="store_true", help="skip the VECTOR_MODE=embedded pass")
     ap.add_argument("--json", type=Path, default=BENCH_DIR / "serving.json")
     ap.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
+    ap.add_argument("--no-prototype", action="store_true",
+                    help="skip measuring the PERFORMANCE_NOTES reference prototype on this machine first")
     ap.add_argument("--prepare-only", action="store_true")
     ap.add_argument("--retrain", action="store_true", help="re-run the nightly job even if its output is cached")
     args = ap.parse_args(argv)
@@ -419,6 +436,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.prepare_only:
         redis_server.stop()
         return 0
+    prototype = None
+    if not args.no_prototype:  # the machine's speed varies from day to day: measure the reference in this run
+        from scripts import bench_prototype
+
+        say("reference prototype (PERFORMANCE_NOTES.md shape) on this machine, now")
+        prototype = bench_prototype.measure(args.duration)
+        say(f"prototype: {prototype['rps']:.0f} rps, unloaded p50 {prototype['unloaded_p50_ms']} ms")
     stores = RedisStores(redis_server.url, Keyspace.from_settings(ctx["settings"]))
     user_ids = load_id_map(stores, "user").ids
     stores.close()
@@ -439,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {}
     try:
         first = wait_ready(rport, sample[0], recall, run / "recall.log")
+        wait_warm(rport)
         channels = list(first["channels"])
         from common.channel_config import load_config
 
@@ -496,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
             recall = procs["recall"] = start("services.recall_server", rport, {**env, "VECTOR_MODE": "embedded"},
                                              run / "recall-embedded.log", ["--workers", str(args.workers)])
             wait_ready(rport, sample[0], recall, run / "recall-embedded.log")
+            wait_warm(rport)
             pgids["recall"] = recall.pid
             run_loadgen("closed", rport, paths_file, duration=5, conns=8)
             eseq = run_loadgen("seq", rport, paths_file, n=args.unloaded, parse=True)
@@ -545,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
                             "cpu_ms_per_request": cpu_nv, "unloaded_p50_ms": round(pct(lat_nv, 50), 3),
                             "unloaded_p99_ms": round(pct(lat_nv, 99), 3)},
             "embedded": embedded,
+            "prototype": prototype,
             "loadavg_1m_end": loadavg(),
             "targets": TARGETS,
         }
@@ -598,7 +625,7 @@ CPU per request at saturation, by process group: {cpu}. The "cores" figures show
 the stack actually got during the run. CPU-bound capacity if the stack had both cores to itself, estimated as
 2 cores ÷ the summed CPU time per request (an estimate from CPU accounting, not a measurement):
 ≈ {r['cpu_capacity_rps_2_cores']} rps with every channel, ≈ {r['cpu_capacity_rps_2_cores_without_u2i']} rps without the u2i channels.
-{_embedded(r)}
+{_embedded(r)}{_prototype(r)}
 Without the u2i channels — `channels={','.join(r['without_u2i']['channels'])}`, i.e. what
 the recall server itself does per request: **{r['without_u2i']['saturation']['rps']:.0f} rps** at saturation,
 unloaded p50 {r['without_u2i']['unloaded_p50_ms']:.2f} ms (p99 {r['without_u2i']['unloaded_p99_ms']:.2f});
@@ -639,6 +666,21 @@ every worker holds every index), same data, channels and load:
 | unloaded latency ({u['n']} sequential requests) | **p50 {u['p50_ms']:.2f} ms** (p90 {u['p90_ms']:.2f}, p99 {u['p99_ms']:.2f}) | p50 ≤ {r['targets']['p50_ms_unloaded']:.0f} ms | {met['p50_ms_unloaded']} |
 
 CPU per request at saturation: {cpu}.
+"""
+
+
+def _prototype(r: dict) -> str:
+    p = r.get("prototype")
+    if not p:
+        return ""
+    best = max(r["saturation"]["rps"], (r.get("embedded") or {}).get("saturation", {}).get("rps", 0.0))
+    return f"""
+**Reference on the same machine, same run**: the two-channel prototype of PERFORMANCE_NOTES.md
+(`python -m scripts.bench_prototype`: one pipelined user read, one MGET of 20 packed i2i lists, one HNSW search
+k=200 at efSearch 256, numpy merge, orjson; no config, versions, metrics or fault handling) reached
+**{p['rps']:.0f} rps** ({p['tool']}; unloaded p50 {p['unloaded_p50_ms']:.2f} ms, CPU {p['cpu_ms_per_request']:.2f} ms
+per request) — PERFORMANCE_NOTES quotes ≈ 1,350 rps for it on the machine it was first measured on. The best
+mode above reaches {best / max(p['rps'], 1e-9):.0%} of it with {len(r['channels'])} channels.
 """
 
 

@@ -371,8 +371,11 @@ class RecallService:
         except Exception as exc:
             return 503, {"status": "unavailable", "detail": f"Redis unavailable: {type(exc).__name__}: {exc}"}
         channels = {name: ("ok" if not v.unavailable else v.unavailable) for name, v in snap.views.items()}
+        warming = [name for name, task in (("lists", self._warm_task), ("neighbours", self.state.warm_task))
+                   if task is not None and not task.done()]
         body = {"status": "ok", "redis": "ok", "vector_mode": self.settings.vector_mode, "versions": snap.versions,
-                "channels": channels}
+                "channels": channels, "warming": warming,  # background cache fills of this worker still running
+                "list_cache_mb": round(self.list_cache.size / 2**20, 1)}
         if self.settings.vector_mode == "embedded" and self.vector_client is not None:
             svc = self.vector_client.service  # indexes loaded in this worker (what `make up` waits for)
             body["vector"] = {"loaded": {n: b.version for n, b in svc.bundles.items()},

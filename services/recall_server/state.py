@@ -109,15 +109,15 @@ class ServingState:
         self._lists: dict[tuple[str, str], dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         self.on_snapshot = None  # optional callback(snapshot) (metrics)
         self.watcher = _Watcher(self, poll_s)
-        self._warm_task: asyncio.Task | None = None
+        self.warm_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         await self.watcher.start()
 
     async def stop(self) -> None:
         await self.watcher.stop()
-        if self._warm_task is not None:
-            self._warm_task.cancel()
+        if self.warm_task is not None:
+            self.warm_task.cancel()
 
     @property
     def redis_healthy(self) -> bool:
@@ -156,9 +156,9 @@ class ServingState:
         if self.on_snapshot is not None:
             self.on_snapshot(self.snapshot)
         if refill and any(c.kind == "u2u" for c in self.enabled) and self.snapshot.features_version:
-            if self._warm_task is not None:
-                self._warm_task.cancel()
-            self._warm_task = asyncio.create_task(self._warm_neighbors(self.snapshot))
+            if self.warm_task is not None:
+                self.warm_task.cancel()
+            self.warm_task = asyncio.create_task(self._warm_neighbors(self.snapshot))
 
     async def _warm_neighbors(self, snap: Snapshot, chunk: int = 1000) -> None:
         """Fill the u2u neighbour cache in the background (chunks of MGET, requests served in between), so

@@ -72,6 +72,17 @@ def retrieve_vector(user_vec: np.ndarray, item_vecs: np.ndarray, k: int,
     return top_k(np.arange(len(scores)), scores, k, exclude)
 
 
-def retrieve_list(ids: np.ndarray, scores: np.ndarray, k: int, exclude: np.ndarray | None = None):
-    """Non-personalised list minus excluded items."""
+def rank_list(ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A list in serving order (score descending, ties by ascending id), as int64 ids and float32 scores."""
+    ids, scores = np.asarray(ids, np.int64), np.asarray(scores, np.float32)
+    order = np.lexsort((ids, -scores))
+    return ids[order], scores[order]
+
+
+def retrieve_list(ids: np.ndarray, scores: np.ndarray, k: int, exclude: np.ndarray | None = None,
+                  ranked: bool = False):
+    """Non-personalised list minus excluded items. `ranked`: the list is already in `rank_list` order (the
+    answer is then its first k non-excluded entries, found without sorting)."""
+    if ranked:
+        return kernels.filter_kernel(ids, scores, sorted_ids(exclude), np.iinfo(np.int64).max, k)
     return top_k(np.asarray(ids, np.int64), np.asarray(scores, np.float32), k, exclude)

@@ -128,3 +128,16 @@ def test_merge_matches_the_numpy_reference(seed, normalize):
     np.testing.assert_array_equal(got.ids, want[0])
     np.testing.assert_array_equal(got.scores, want[1])
     np.testing.assert_array_equal(got.ranks, want[2])
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_ranked_list_prefix_equals_top_k(seed):
+    rng = np.random.default_rng(500 + seed)
+    n = int(rng.choice([0, 5, 2000]))
+    ids, scores = rng.permutation(n), rng.integers(0, 20, n).astype(np.float32)  # many ties
+    exclude = rng.integers(0, max(n, 1), int(rng.integers(0, 60)))
+    k = int(rng.integers(1, 300))
+    got = retrieval.retrieve_list(*retrieval.rank_list(ids, scores), k, exclude, ranked=True)
+    want = ref_top_k(ids, scores, k, exclude)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])

@@ -270,7 +270,7 @@ class ListRetriever:
         if not names:
             raise ChannelEmpty(f"none of the lists {view.spec.serve.lists} is published")
         if len(names) == 1:
-            ids, scores = retrieval.retrieve_list(*lists[names[0]], n, ctx.exclude_idx)
+            ids, scores = retrieval.retrieve_list(*lists[names[0]], n, ctx.exclude_idx, ranked=True)
         else:  # several lists (cold start): rank-normalise each so a small category list counts as much as global
             parts = [(lists[x][0], normalise(lists[x][1], "rank", rank_offset)) for x in names]
             ids, scores = retrieval.aggregate(parts, np.ones(len(parts), np.float32), n, ctx.exclude_idx)

@@ -18,6 +18,7 @@ import orjson
 
 from common.channel_config import ChannelConfig, ChannelSpec
 from common.keyspace import FEATURES_CHANNEL, Keyspace, unpack_json, unpack_neighbors
+from common.retrieval import rank_list
 from common.versions import VersionWatcher
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class ChannelView:
     version: str | None = None
     manifest: dict[str, Any] | None = None
     store: str | None = None  # Redis store holding this kind's artifact (from the manifest)
-    lists: dict[str, tuple[np.ndarray, np.ndarray]] | None = None  # kind 'list': every list of the version
+    lists: dict[str, tuple[np.ndarray, np.ndarray]] | None = None  # kind 'list': every list, in rank_list order
     unavailable: str | None = None  # why the channel cannot answer (not published, kind missing, ...)
 
 
@@ -215,7 +216,7 @@ class ServingState:
         for name, value in zip(names, values, strict=True):
             ids, scores = unpack_neighbors(value)
             keep = ids >= 0
-            out[name] = (ids[keep].astype(np.int64), scores[keep].astype(np.float32))
+            out[name] = rank_list(ids[keep], scores[keep])  # sorted once here, not per request
         return out
 
 

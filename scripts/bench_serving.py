@@ -631,13 +631,12 @@ the recall server itself does per request: **{r['without_u2i']['saturation']['rp
 unloaded p50 {r['without_u2i']['unloaded_p50_ms']:.2f} ms (p99 {r['without_u2i']['unloaded_p99_ms']:.2f});
 CPU per request {', '.join(f"{k} {v:.2f} ms" for k, v in r['without_u2i']['cpu_ms_per_request'].items())}.
 
-Where the time goes (py-spy profiles of the recall worker at saturation, CPU per request): the fixed part
-(HTTP + FastAPI, the user-state pipeline, the merge, the 300-item JSON response) ≈ 0.45 ms; each i2i/u2u
-channel 0.12–0.26 ms (one MGET or the in-memory list cache, unpacking, numpy aggregation and top-k); the u2i
-pair ≈ 0.4 ms in the recall worker (one aiohttp call, JSON) plus ≈ 0.9 ms in the vector server (HTTP, the
-user tower, two HNSW searches, which cost 2–4× their idle figures when two processes share the cores). The
-targets were set for the two-channel prototype of PERFORMANCE_NOTES.md (one i2i read + one in-process faiss
-search ≈ 1.3 ms a request); this stack runs {len(r['channels'])} channels, 5 of them at ≈ 1,300 rps on their own.
+Where the time goes (py-spy profiles of the embedded-mode recall workers at saturation, 2026-12-01, shares of
+their CPU): the u2i pair ≈ 30 % (user tower ≈ 12 %, two HNSW searches ≈ 16 %); the four i2i/u2u channels
+≈ 20 % (list-cache lookups, compiled aggregation); the user-state pipeline ≈ 5 %; merge and the 300-item JSON
+answer ≈ 7 %; uvicorn, FastAPI, asyncio and socket I/O the rest (≈ 35 %). On its own the fixed part (HTTP, user
+state, one list channel, merge, response) costs ≈ 1.2–1.4 ms of CPU per request here. The targets were set on
+the two-channel prototype of PERFORMANCE_NOTES.md; this stack runs {len(r['channels'])} channels.
 
 Per-channel latency inside the recall server, unloaded (the `latency_ms` each answer reports; channels run
 concurrently, so they overlap):

@@ -14,12 +14,14 @@ import re
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import orjson
 import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from starlette.datastructures import QueryParams
 
 from common import kernels
 from common.channel_config import ChannelConfig, load_config
@@ -263,12 +265,17 @@ class RecallService:
         # channels whose lists are all in memory answer inline; the others (I/O) run as concurrent tasks
         pending = []
         for view, n in tasks:
-            if view.spec.kind == "u2i" or not self._run_cached(view, ctx, n, statuses, results):
-                pending.append(asyncio.ensure_future(self._run(view, ctx, n, statuses, results)))
+            if view.spec.kind != "u2i" and self._run_inline(
+                    view.spec.name, partial(self.retrievers[view.spec.kind].retrieve_cached, view, ctx, n),
+                    statuses, results):
+                continue
+            pending.append(asyncio.ensure_future(self._run(view, ctx, n, statuses, results)))
         tasks = pending
         for view in views:
             if view.spec.kind == "list" and view.spec.name not in statuses:
-                self._run_list(view, ctx, request_size("list", view.spec.quota, p.k, total_quota), statuses, results)
+                n = request_size("list", view.spec.quota, p.k, total_quota)
+                self._run_inline(view.spec.name, partial(self.lists.retrieve_sync, view, ctx, n, self.rank_offset),
+                                 statuses, results)
         if tasks:
             await asyncio.gather(*tasks)
 
@@ -317,35 +324,23 @@ class RecallService:
             status, detail = "error", f"{type(exc).__name__}: {exc}"[:300]
         self._record(spec.name, status, detail, t0, results, statuses)
 
-    def _run_cached(self, view: ChannelView, ctx: RequestContext, n: int, statuses: dict, results: dict) -> bool:
-        """Answer an i2i/u2u channel inline when everything it reads is in memory; False when it needs I/O."""
+    def _run_inline(self, name: str, compute, statuses: dict, results: dict) -> bool:
+        """Run an in-memory channel now, without a task; False (nothing recorded) when `compute()` returns None,
+        i.e. the channel needs I/O after all."""
         t0 = time.perf_counter()
         detail = None
         try:
-            res = self.retrievers[view.spec.kind].retrieve_cached(view, ctx, n)
+            res = compute()
             if res is None:
                 return False
             status = "ok" if len(res.ids) else "empty"
-            results[view.spec.name] = res
+            results[name] = res
         except ChannelEmpty as exc:
             status, detail = "empty", str(exc)
-        except Exception as exc:
+        except Exception as exc:  # one failing channel never fails the request
             status, detail = "error", f"{type(exc).__name__}: {exc}"[:300]
-        self._record(view.spec.name, status, detail, t0, results, statuses)
+        self._record(name, status, detail, t0, results, statuses)
         return True
-
-    def _run_list(self, view: ChannelView, ctx: RequestContext, n: int, statuses: dict, results: dict) -> None:
-        t0 = time.perf_counter()
-        detail = None
-        try:
-            res = self.lists.retrieve_sync(view, ctx, n, self.rank_offset)
-            status = "ok" if len(res.ids) else "empty"
-            results[view.spec.name] = res
-        except ChannelEmpty as exc:
-            status, detail = "empty", str(exc)
-        except Exception as exc:
-            status, detail = "error", f"{type(exc).__name__}: {exc}"[:300]
-        self._record(view.spec.name, status, detail, t0, results, statuses)
 
     def _record(self, name: str, status: str, detail: str | None, t0: float, results: dict, statuses: dict) -> None:
         dt = time.perf_counter() - t0
@@ -458,14 +453,32 @@ def create_app(settings: Settings | None = None, config: ChannelConfig | None = 
                         422: {"description": "a bad query parameter (named in detail[0].loc)"},
                         503: {"description": "Redis unavailable"}})
     async def recall(request: Request) -> Response:
+        status, body = await answer(request.scope["query_string"])
+        return Response(body, status_code=status, media_type="application/json")
+
+    async def answer(query_string: bytes) -> tuple[int, bytes]:
+        """GET /recall as (status, JSON body), every outcome included: it never raises."""
         t0 = time.perf_counter()
-        q = request.query_params
-        p = parse_params(q.get("user_id"), q.get("k"), q.get("channels"), q.get("exclude"), q.get("explain"),
-                         default_k=default_k, max_k=max_k, known=known)
-        body = await service.recall(p)
+        try:
+            q = QueryParams(query_string)
+            p = parse_params(q.get("user_id"), q.get("k"), q.get("channels"), q.get("exclude"), q.get("explain"),
+                             default_k=default_k, max_k=max_k, known=known)
+            body = await service.recall(p)
+        except ParamError as exc:
+            outcome["client_error"].inc()
+            return 422, orjson.dumps({"detail": [{"loc": ["query", exc.param], "msg": exc.msg, "type": "value_error"}]})
+        except RedisUnavailable as exc:
+            outcome["unavailable"].inc()
+            return 503, orjson.dumps({"detail": str(exc)})
+        except Exception as exc:  # must be unreachable by any input
+            log.exception("internal error on /recall")
+            outcome["error"].inc()
+            return 500, orjson.dumps({"detail": f"internal error: {type(exc).__name__}"})
         outcome["cold_start" if body["cold_start"] else "ok"].inc()
         metrics.latency.observe(time.perf_counter() - t0)
-        return Response(orjson.dumps(body), media_type="application/json")
+        return 200, orjson.dumps(body)
+
+    app.state.recall_answer = answer
 
     @app.get("/healthz", summary="200 when Redis answers (with the served versions), 503 naming Redis otherwise")
     async def healthz() -> Response:
@@ -480,8 +493,30 @@ def create_app(settings: Settings | None = None, config: ChannelConfig | None = 
     return app
 
 
-def uvicorn_factory() -> FastAPI:
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class RecallFastPath:
+    """ASGI front of the app: `GET /recall` goes straight to its handler; everything else (lifespan, /docs,
+    /healthz, /metrics, other methods) to the FastAPI app, whose /recall route answers the same way.
+
+    FastAPI's middleware stack, routing and request object cost ≈ 0.15 ms of CPU a request here, ≈ 6 % of a
+    whole /recall; the handler parses the query string and catches its own errors, so nothing is lost."""
+
+    def __init__(self, app: FastAPI):
+        self.app, self.answer = app, app.state.recall_answer
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/recall" or scope["method"] != "GET":
+            return await self.app(scope, receive, send)
+        status, body = await self.answer(scope["query_string"])
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def uvicorn_factory() -> RecallFastPath:
     """Entry point for multi-worker uvicorn (settings from the environment)."""
     logging.basicConfig(level=get_settings().log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return create_app()
+    return RecallFastPath(create_app())
 

@@ -21,6 +21,9 @@ RUN pip install . \
  && chown -R app:app /data /app
 
 USER app
+# the numba kernels of common/kernels.py, compiled into the image (recompiled at start-up on another CPU)
+ENV NUMBA_CACHE_DIR=/app/.numba-cache
+RUN python -c "from common import kernels; kernels.warm_up()"
 VOLUME ["/data"]
 ENV ARTIFACTS_DIR=/data/artifacts RUN_DIR=/data/run HOST=0.0.0.0
 EXPOSE 8000 8001 8002

@@ -323,6 +323,17 @@ def test_health_metrics_and_docs(stack):
     h = client.get("/healthz")
     assert h.status_code == 200
     assert h.json()["versions"]["itemcf"] == stack["versions"]["itemcf"]
+    # after a version change every i2i list of the (tiny) catalogue is loaded into the worker's memory in the
+    # background, not only the anchors requests have asked for
+    stores = RedisStores(stack["settings"].redis_url, Keyspace.from_settings(stack["settings"]))
+    n_items = len(load_id_map(stores, "item"))
+    stores.close()
+    n_i2i = sum(1 for c in load_config(stack["config"]).enabled() if c.kind == "i2i")
+    deadline = time.monotonic() + 30
+    while (body := client.get("/healthz").json())["warming"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert body["warming"] == []
+    assert body["list_cache"]["lists"]["i2i"] == n_i2i * n_items
     recall(stack, user_id=warm_users(stack)[0])
     m = client.get("/metrics")
     assert m.status_code == 200

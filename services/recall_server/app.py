@@ -370,7 +370,7 @@ class RecallService:
                    if task is not None and not task.done()]
         body = {"status": "ok", "redis": "ok", "vector_mode": self.settings.vector_mode, "versions": snap.versions,
                 "channels": channels, "warming": warming,  # background cache fills of this worker still running
-                "list_cache_mb": round(self.list_cache.size / 2**20, 1)}
+                "list_cache": {"mb": round(self.list_cache.size / 2**20, 1), "lists": dict(self.list_cache.counts)}}
         if self.settings.vector_mode == "embedded" and self.vector_client is not None:
             svc = self.vector_client.service  # indexes loaded in this worker (what `make up` waits for)
             body["vector"] = {"loaded": {n: b.version for n, b in svc.bundles.items()},

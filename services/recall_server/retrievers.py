@@ -64,6 +64,7 @@ class ListCache:
         self.enabled = max_bytes > 0
         self.max_bytes = max_bytes
         self.size = 0
+        self.counts: dict[str, int] = {}  # cached lists per artifact kind (i2i, u2u)
         self._d: OrderedDict[tuple, Neighbors] = OrderedDict()
 
     def get_many(self, artifact: tuple, anchors: list) -> list[Neighbors | None]:
@@ -84,12 +85,15 @@ class ListCache:
         lists = (ids, scores)
         cost = 8 * len(ids) + 128
         if self.enabled and cost <= self.max_bytes:
-            d = self._d
+            d, counts = self._d, self.counts
+            if (artifact, anchor) not in d:
+                counts[artifact[0]] = counts.get(artifact[0], 0) + 1
+                self.size += cost
             d[(artifact, anchor)] = lists
-            self.size += cost
             while self.size > self.max_bytes:
-                _, (ids, _sc) = d.popitem(last=False)
+                (old, _), (ids, _sc) = d.popitem(last=False)
                 self.size -= 8 * len(ids) + 128
+                counts[old[0]] -= 1
         return lists
 
 

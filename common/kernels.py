@@ -98,7 +98,7 @@ def _group(ids, values, exclude, slots):
 @njit(**_NOPYTHON)
 def aggregate_kernel(ids, scores, lens, weights, exclude, k, slots):
     """Σ_a weight_a · score over consecutive lists (list a: the next lens[a] entries), ids < 0 ignored,
-    `exclude` (ascending) removed, top-k by (sum desc, id asc). Returns (ids int64, sums float32)."""
+    `exclude` (any order) removed, top-k by (sum desc, id asc). Returns (ids int64, sums float32)."""
     n = len(ids)
     values = np.empty(n, np.float32)
     j = 0

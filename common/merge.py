@@ -11,7 +11,7 @@ from functools import lru_cache
 import numpy as np
 
 from common import kernels
-from common.retrieval import sorted_ids
+from common.retrieval import id_array
 
 QUOTA_BONUS = 1e6  # in-quota candidates always rank above fill candidates
 
@@ -80,6 +80,6 @@ def merge(outputs: list[ChannelOutput], k: int, exclude: np.ndarray | None = Non
     weights = np.array([o.weight for o in outputs], np.float64)
     quotas = np.array([o.quota for o in outputs], np.int64)
     out_ids, out_scores, ranks = kernels.merge_kernel(ids, scores, bounds, weights, quotas, normalize == "rank",
-                                                      float(rank_offset), sorted_ids(exclude), int(k), QUOTA_BONUS,
+                                                      float(rank_offset), id_array(exclude), int(k), QUOTA_BONUS,
                                                       kernels.scratch(int(ids.max())))
     return Merged(out_ids, out_scores, ranks, names)

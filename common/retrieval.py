@@ -14,11 +14,17 @@ EMPTY_IDS = np.empty(0, dtype=np.int64)
 EMPTY_SCORES = np.empty(0, dtype=np.float32)
 
 
-def sorted_ids(ids: np.ndarray | list[int] | None) -> np.ndarray:
-    """Ascending int64 copy of `ids` (what the kernels take as an exclusion set); empty for None."""
+def id_array(ids: np.ndarray | list[int] | None) -> np.ndarray:
+    """`ids` as an int64 array (empty for None): an exclusion set for the kernels that need no order."""
     if ids is None or not len(ids):
         return EMPTY_IDS
-    return np.sort(np.asarray(ids, dtype=np.int64))
+    return np.asarray(ids, dtype=np.int64)
+
+
+def sorted_ids(ids: np.ndarray | list[int] | None) -> np.ndarray:
+    """Ascending int64 copy of `ids` (what the binary-searching kernels take as an exclusion set)."""
+    ids = id_array(ids)
+    return np.sort(ids) if len(ids) > 1 else ids
 
 
 def top_k(ids: np.ndarray, scores: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -47,7 +53,7 @@ def aggregate(lists: list[tuple[np.ndarray, np.ndarray]], weights: np.ndarray, k
     if not len(ids):
         return EMPTY_IDS, EMPTY_SCORES
     scores = np.concatenate([x[1] for x in lists]).astype(np.float32, copy=False)
-    return kernels.aggregate_kernel(ids, scores, lens, np.asarray(weights, np.float32), sorted_ids(exclude), k,
+    return kernels.aggregate_kernel(ids, scores, lens, np.asarray(weights, np.float32), id_array(exclude), k,
                                     kernels.scratch(int(ids.max())))
 
 

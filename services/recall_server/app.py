@@ -417,16 +417,6 @@ def create_app(settings: Settings | None = None, config: ChannelConfig | None = 
                               "of config/channels.yaml concurrently and merges their candidates.")
     app.state.service = service
 
-    @app.exception_handler(ParamError)
-    async def _param_error(request: Request, exc: ParamError) -> Response:
-        outcome["client_error"].inc()
-        return _json(422, {"detail": [{"loc": ["query", exc.param], "msg": exc.msg, "type": "value_error"}]})
-
-    @app.exception_handler(RedisUnavailable)
-    async def _redis_down(request: Request, exc: RedisUnavailable) -> Response:
-        outcome["unavailable"].inc()
-        return _json(503, {"detail": str(exc)})
-
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> Response:  # must be unreachable by any input
         log.exception("internal error on %s", request.url.path)

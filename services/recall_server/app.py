@@ -41,6 +41,7 @@ from services.recall_server.retrievers import (
     U2URetriever,
     VectorRetriever,
     i2i_artifact,
+    u2u_artifact,
     is_new_user,
     new_user_categories,
 )
@@ -172,40 +173,50 @@ class RecallService:
     def _on_snapshot(self, snap: Snapshot) -> None:
         self.metrics.set_versions({c.name: snap.versions.get(c.publisher) for c in self.state.enabled} | {
             FEATURES_CHANNEL: snap.features_version})
-        if self.list_cache.enabled and any(v.spec.kind == "i2i" and not v.unavailable for v in snap.views.values()):
+        if self.list_cache.enabled and any(v.spec.kind in ("i2i", "u2u") and not v.unavailable
+                                           for v in snap.views.values()):
             if self._warm_task is not None:
                 self._warm_task.cancel()
             self._warm_task = asyncio.get_running_loop().create_task(self._warm_lists(snap))
 
     async def _warm_lists(self, snap: Snapshot, chunk: int = 500) -> None:
-        """Fill the list cache with the i2i lists of the most popular items (the likeliest anchors), in the
-        background after a version change, up to 3/4 of its budget: requests then rarely wait for Redis."""
+        """Fill the list cache in the background after a version change, up to 3/4 of its budget: the i2i lists
+        of the most popular items first (the likeliest anchors), then the u2u lists of every user; requests then
+        rarely wait for Redis."""
+        ks, cache, t0 = self.ks, self.list_cache, time.perf_counter()
         order = popularity_order(snap)
-        views = [v for v in snap.views.values() if v.spec.kind == "i2i" and not v.unavailable]
-        if not len(order) or not views:
-            return
-        cache, ks, t0 = self.list_cache, self.ks, time.perf_counter()
+        plan = []  # (views, anchors, artifact of a view, key of (view, anchor), per_anchor of a view)
+        i2i = [v for v in snap.views.values() if v.spec.kind == "i2i" and not v.unavailable]
+        if i2i and len(order):
+            plan.append((i2i, order, i2i_artifact, lambda v, a: ks.i2i(v.store, v.spec.publisher, v.version, a),
+                         lambda v: v.spec.serve.per_anchor))
+        u2u = [v for v in snap.views.values() if v.spec.kind == "u2u" and not v.unavailable and snap.features_version]
+        if u2u and len(snap.user_ids):
+            plan.append((u2u, snap.user_ids, u2u_artifact, lambda v, a: ks.u2u(v.store, v.spec.publisher, v.version, a),
+                         lambda v: None))
         try:
-            for a in range(0, len(order), chunk):
-                items = order[a:a + chunk].tolist()
-                for v in views:
-                    if cache.size > 0.75 * cache.max_bytes or self.state.snapshot is not snap:
-                        return
-                    artifact = i2i_artifact(v)
-                    todo = [i for i, x in zip(items, cache.get_many(artifact, items), strict=True) if x is None]
-                    if todo:
-                        values = await self.astores(v.store).mget([ks.i2i(v.store, v.spec.publisher, v.version, i)
-                                                                   for i in todo])
-                        for i, value in zip(todo, values, strict=True):
-                            cache.put(artifact, i, value, v.spec.serve.per_anchor)
-                await asyncio.sleep(0)
+            for views, anchors, artifact_of, key_of, limit_of in plan:
+                for a in range(0, len(anchors), chunk):
+                    part = anchors[a:a + chunk].tolist()
+                    for v in views:
+                        if cache.size > 0.75 * cache.max_bytes or self.state.snapshot is not snap:
+                            return
+                        artifact = artifact_of(v)
+                        todo = [x for x, hit in zip(part, cache.get_many(artifact, part), strict=True) if hit is None]
+                        if todo:
+                            values = await self.astores(v.store).mget([key_of(v, x) for x in todo])
+                            limit = limit_of(v)
+                            for x, value in zip(todo, values, strict=True):
+                                cache.put(artifact, x, value, limit)
+                    await asyncio.sleep(0)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # Redis down: the cache fills from requests instead
             log.warning("list cache warm-up stopped: %s: %s", type(exc).__name__, exc)
             return
         finally:
-            log.info("list cache: %.0f MB after warm-up (%.1fs)", cache.size / 2**20, time.perf_counter() - t0)
+            log.info("list cache: %.0f MB after warm-up (%.1fs): %s", cache.size / 2**20, time.perf_counter() - t0,
+                     dict(cache.counts))
 
     async def stop(self) -> None:
         if self._warm_task is not None:
@@ -259,15 +270,14 @@ class RecallService:
                     vector_sizes[spec.publisher] = n
                 tasks.append((view, n))
         if vector_sizes:
-            ctx.vector_call = self.retrievers["u2i"].start(ctx, vector_sizes)
-            if self.settings.vector_mode == "remote":
+            self.retrievers["u2i"].start(ctx, vector_sizes)
+            if not ctx.vector_call.done():
                 await asyncio.sleep(0)  # send the vector server its work before this worker computes the rest
-        # channels whose lists are all in memory answer inline; the others (I/O) run as concurrent tasks
+        # channels with everything in memory answer inline; the others (I/O) run as concurrent tasks
         pending = []
         for view, n in tasks:
-            if view.spec.kind != "u2i" and self._run_inline(
-                    view.spec.name, partial(self.retrievers[view.spec.kind].retrieve_cached, view, ctx, n),
-                    statuses, results):
+            if self._run_inline(view.spec.name, partial(self.retrievers[view.spec.kind].retrieve_cached, view, ctx, n),
+                                statuses, results, ctx.vector_t0 if view.spec.kind == "u2i" else None):
                 continue
             pending.append(asyncio.ensure_future(self._run(view, ctx, n, statuses, results)))
         tasks = pending
@@ -324,10 +334,10 @@ class RecallService:
             status, detail = "error", f"{type(exc).__name__}: {exc}"[:300]
         self._record(spec.name, status, detail, t0, results, statuses)
 
-    def _run_inline(self, name: str, compute, statuses: dict, results: dict) -> bool:
+    def _run_inline(self, name: str, compute, statuses: dict, results: dict, t0: float | None = None) -> bool:
         """Run an in-memory channel now, without a task; False (nothing recorded) when `compute()` returns None,
-        i.e. the channel needs I/O after all."""
-        t0 = time.perf_counter()
+        i.e. the channel needs I/O after all. Its latency counts from `t0` (default: now)."""
+        t0 = t0 or time.perf_counter()
         detail = None
         try:
             res = compute()

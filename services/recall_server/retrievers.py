@@ -7,6 +7,7 @@ indices through the same `common.retrieval` functions the evaluator uses.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ class RequestContext:
     k: int
     categories: list[str]  # categories of a new user's clicked items (empty for users with batch history)
     vector_call: asyncio.Future | None = None  # the request's one vector-server call (u2i channels)
+    vector_t0: float = 0.0  # when that call started (u2i channels' latency counts from there)
 
 
 @dataclass
@@ -102,6 +104,11 @@ def i2i_artifact(view: ChannelView) -> tuple:
     return ("i2i", view.store, view.spec.publisher, view.version, view.spec.serve.per_anchor)
 
 
+def u2u_artifact(view: ChannelView) -> tuple:
+    """List-cache key prefix of a channel's u2u lists (anchors: external user ids)."""
+    return ("u2u", view.store, view.spec.publisher, view.version)
+
+
 class I2IRetriever:
     """Recent items → their neighbour lists (hot ones from memory, the rest in one MGET) → recency-weighted
     aggregation."""
@@ -151,7 +158,7 @@ class U2URetriever:
     def _artifact(self, view: ChannelView, ctx: RequestContext) -> tuple:
         if not ctx.snap.features_version:
             raise ChannelEmpty("no user features published (neighbours' histories unknown)")
-        return ("u2u", view.store, view.spec.publisher, view.version)
+        return u2u_artifact(view)
 
     def _neighbours(self, view: ChannelView, ctx: RequestContext, value: Neighbors) -> tuple[np.ndarray, list[str]]:
         serve, snap = view.spec.serve, ctx.snap
@@ -212,22 +219,47 @@ class VectorRetriever:
     def __init__(self, client):
         self.client = client
 
-    def start(self, ctx: RequestContext, sizes: dict[str, int]) -> asyncio.Future:
-        """Send the request's one vector-server call ({publisher: k}); channels await it in `retrieve`."""
+    def start(self, ctx: RequestContext, sizes: dict[str, int]) -> None:
+        """Start the request's one vector-server call ({publisher: k}) as `ctx.vector_call`: already done when the
+        search runs in this process and needs nothing from Redis (VECTOR_MODE=embedded), else a task."""
         # The vector server searches k + len(exclude) and drops the excluded items inside faiss: send the
         # request's exclude plus the user's recent clicks (the likeliest seen items to come back), not the
         # whole history; older seen items are filtered here and in the merge.
         recent = ctx.user.recent_items
         exclude = [*ctx.exclude_ext, *recent] if ctx.exclude_ext else recent
-        call = asyncio.ensure_future(self.client.search_user_channels(
-            ctx.user_id, sizes, exclude=exclude or None, recent=recent,
-            attrs=ctx.user.features.get("attrs") or {}, item_ids=False))
+        kw = dict(exclude=exclude or None, recent=recent, attrs=ctx.user.features.get("attrs") or {}, item_ids=False)
+        ctx.vector_t0 = time.perf_counter()
+        now = getattr(self.client, "search_user_channels_now", None)
+        if now is not None:
+            call = asyncio.get_running_loop().create_future()
+            try:
+                results = now(ctx.user_id, sizes, **kw)
+            except Exception as exc:
+                call.set_exception(exc)
+                call.add_done_callback(_retrieve_exception)
+                ctx.vector_call = call
+                return
+            if results is not None:
+                call.set_result(results)
+                ctx.vector_call = call
+                return
+        call = asyncio.ensure_future(self.client.search_user_channels(ctx.user_id, sizes, **kw))
         call.add_done_callback(_retrieve_exception)
-        return call
+        ctx.vector_call = call
+
+    def retrieve_cached(self, view: ChannelView, ctx: RequestContext, n: int) -> Result | None:
+        """The answer when the shared call is already done (no waiting), else None."""
+        call = ctx.vector_call
+        if call is None or not call.done():
+            return None
+        return self._result(view, ctx, n, call.result())
 
     async def retrieve(self, view: ChannelView, ctx: RequestContext, n: int) -> Result:
         # shield: one channel running out of time must not cancel the call the other channels wait for
-        results = await asyncio.shield(ctx.vector_call)
+        return self._result(view, ctx, n, await asyncio.shield(ctx.vector_call))
+
+    @staticmethod
+    def _result(view: ChannelView, ctx: RequestContext, n: int, results: dict) -> Result:
         res = results.get(view.spec.publisher) or {"status": 502, "detail": "no result for this channel"}
         status = res.get("status")
         if status == 404:

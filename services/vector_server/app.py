@@ -329,6 +329,40 @@ class VectorService:
         """Top-k of several channels for one user: at most one user-state read (none when the caller sends
         `recent` and `attrs`) and one MGET of precomputed vectors. Per-channel failures are reported in the
         channel's entry ({"status": 404|503, "detail"}); an unknown channel fails the whole request (422)."""
+        bundles, out = self._bundles(req)
+        state: UserState | None = None
+        if self._needs_state(req, bundles):
+            state = await self._read_state(req, bundles)
+        vectors, fallback = self._user_vectors(req, bundles, out, state)
+        if fallback:
+            try:
+                values = await self.astores("user_emb").mget(
+                    [self.ks.user_vector(bundles[n].publisher, bundles[n].version, req.user_id) for n in fallback])
+            except REDIS_ERRORS as exc:
+                values = None
+                for n in fallback:
+                    out[n] = {"status": 503, "detail": f"Redis unavailable while reading the vector of user "
+                                                       f"{req.user_id!r}: {type(exc).__name__}: {exc}"}
+            for n, value in zip(fallback, values or [], strict=False):
+                vec = unpack_user_vector(value, bundles[n].dim)
+                if vec is None:
+                    out[n] = {"status": 404, "detail": f"no vector for user {req.user_id!r} in channel {n!r}"}
+                else:
+                    vectors[n] = (vec, "precomputed")
+        return self._search_all(req, bundles, vectors, out, state)
+
+    def user_searches_now(self, req: UserSearchRequest) -> dict[str, dict[str, Any]] | None:
+        """`user_searches` without I/O: the answer when everything it needs is in memory (the caller sent the
+        user's recent items and attributes, precomputed vectors are held in memory), else None."""
+        bundles, out = self._bundles(req)
+        if self._needs_state(req, bundles):
+            return None
+        vectors, fallback = self._user_vectors(req, bundles, out, None)
+        if fallback:
+            return None
+        return self._search_all(req, bundles, vectors, out, None)
+
+    def _bundles(self, req: UserSearchRequest) -> tuple[dict[str, Bundle], dict[str, dict[str, Any]]]:
         bundles: dict[str, Bundle] = {}
         out: dict[str, dict[str, Any]] = {}
         for name in req.channels:
@@ -338,25 +372,39 @@ class VectorService:
                 if exc.status == 422:
                     raise
                 out[name] = {"status": exc.status, "detail": exc.detail}
+        return bundles, out
+
+    @staticmethod
+    def _needs_state(req: UserSearchRequest, bundles: dict[str, Bundle]) -> bool:
+        towers = any(b.tower is not None for b in bundles.values())
+        return req.exclude_seen or (towers and (req.recent is None or req.attrs is None))
+
+    async def _read_state(self, req: UserSearchRequest, bundles: dict[str, Bundle]) -> UserState:
         user_id = req.user_id
-        towers = [n for n, b in bundles.items() if b.tower is not None]
-        state: UserState | None = None
-        if req.exclude_seen or (towers and (req.recent is None or req.attrs is None)):
-            recent_n = max([bundles[n].recent_n for n in towers] + [self.settings.recent_n if req.exclude_seen else 1])
-            try:
-                [state] = await fetch_user_states(self.astores, [user_id],
-                                                  self.watcher.versions.get(FEATURES_CHANNEL), recent_n)
-            except REDIS_ERRORS as exc:
-                raise HTTPError(503, f"Redis unavailable while reading user {user_id!r}: "
-                                     f"{type(exc).__name__}: {exc}") from None
-            except (orjson.JSONDecodeError, ValueError, TypeError, IndexError) as exc:
-                raise HTTPError(503, f"user state of {user_id!r} in Redis is unreadable: {type(exc).__name__}: "
-                                     f"{exc}") from None
+        recent_n = max([b.recent_n for b in bundles.values() if b.tower is not None]
+                       + [self.settings.recent_n if req.exclude_seen else 1])
+        try:
+            [state] = await fetch_user_states(self.astores, [user_id], self.watcher.versions.get(FEATURES_CHANNEL),
+                                              recent_n)
+        except REDIS_ERRORS as exc:
+            raise HTTPError(503, f"Redis unavailable while reading user {user_id!r}: "
+                                 f"{type(exc).__name__}: {exc}") from None
+        except (orjson.JSONDecodeError, ValueError, TypeError, IndexError) as exc:
+            raise HTTPError(503, f"user state of {user_id!r} in Redis is unreadable: {type(exc).__name__}: "
+                                 f"{exc}") from None
+        return state
+
+    def _user_vectors(self, req: UserSearchRequest, bundles: dict[str, Bundle], out: dict[str, dict[str, Any]],
+                      state: UserState | None) -> tuple[dict[str, tuple[np.ndarray, str]], list[str]]:
+        """Query vectors from the towers and the in-memory precomputed vectors; the channels whose precomputed
+        vector must be read from Redis."""
+        user_id = req.user_id
         recent = req.recent if req.recent is not None else (state.recent_items if state else [])
         attrs = req.attrs if req.attrs is not None else ((state.features.get("attrs") or {}) if state else {})
         vectors: dict[str, tuple[np.ndarray, str]] = {}
-        for name in towers:
-            b = bundles[name]
+        for name, b in bundles.items():
+            if b.tower is None:
+                continue
             maps = b.maps or self.maps
             try:
                 vec = b.tower_vector(maps.user.get(user_id), attrs, maps.item_indices(recent))
@@ -377,21 +425,11 @@ class VectorService:
                 out[n] = {"status": 404, "detail": f"no vector for user {user_id!r} in channel {n!r}"}
             else:
                 vectors[n] = (vec, "precomputed")
-        if fallback:
-            try:
-                values = await self.astores("user_emb").mget(
-                    [self.ks.user_vector(bundles[n].publisher, bundles[n].version, user_id) for n in fallback])
-            except REDIS_ERRORS as exc:
-                values = None
-                for n in fallback:
-                    out[n] = {"status": 503, "detail": f"Redis unavailable while reading the vector of user "
-                                                       f"{user_id!r}: {type(exc).__name__}: {exc}"}
-            for n, value in zip(fallback, values or [], strict=False):
-                vec = unpack_user_vector(value, bundles[n].dim)
-                if vec is None:
-                    out[n] = {"status": 404, "detail": f"no vector for user {user_id!r} in channel {n!r}"}
-                else:
-                    vectors[n] = (vec, "precomputed")
+        return vectors, fallback
+
+    def _search_all(self, req: UserSearchRequest, bundles: dict[str, Bundle],
+                    vectors: dict[str, tuple[np.ndarray, str]], out: dict[str, dict[str, Any]],
+                    state: UserState | None) -> dict[str, dict[str, Any]]:
         excl = req.exclude
         if req.exclude_seen and state is not None and state.seen:
             excl = [*excl, *state.seen]

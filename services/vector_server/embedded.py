@@ -36,12 +36,28 @@ class EmbeddedVectorSearch:
         try:
             return await self.service.user_searches(req)
         except HTTPError as exc:
-            if exc.status < 500:
-                raise VectorBadRequest(exc.detail, exc.status) from None
-            raise VectorServerUnavailable(exc.detail, exc.status) from None
+            raise _client_error(exc) from None
+
+    def search_user_channels_now(self, user_id: str, channels: dict[str, int], exclude: list[str] | None = None,
+                                 recent: list[str] | None = None, attrs: dict[str, Any] | None = None,
+                                 item_ids: bool = True) -> dict[str, dict[str, Any]] | None:
+        """`search_user_channels` run synchronously when it needs no I/O (the caller sends `recent` and `attrs`,
+        precomputed user vectors are in memory); None when it would have to read Redis."""
+        req = UserSearchRequest(str(user_id), channels, exclude or [], recent, attrs, False, item_ids)
+        try:
+            return self.service.user_searches_now(req)
+        except HTTPError as exc:
+            raise _client_error(exc) from None
 
     async def healthz(self, timeout_s: float | None = None) -> dict[str, Any]:
         status, body = await self.service.health()
         if status != 200:
             raise VectorServerUnavailable(str(body.get("detail")), status)
         return body
+
+
+def _client_error(exc: HTTPError) -> Exception:
+    """The exception `VectorClient` raises for the same HTTP answer."""
+    if exc.status < 500:
+        return VectorBadRequest(exc.detail, exc.status)
+    return VectorServerUnavailable(exc.detail, exc.status)

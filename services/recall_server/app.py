@@ -41,9 +41,9 @@ from services.recall_server.retrievers import (
     U2URetriever,
     VectorRetriever,
     i2i_artifact,
-    u2u_artifact,
     is_new_user,
     new_user_categories,
+    u2u_artifact,
 )
 from services.recall_server.state import ChannelView, ServingState, Snapshot
 from services.vector_server.client import VectorClient, VectorNotFound, VectorServerTimeout

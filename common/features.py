@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from common.keyspace import FEATURES_CHANNEL, Keyspace
+from common.redis_reads import pairs
 
 
 @dataclass
@@ -73,17 +74,17 @@ def feature_version_key(ks: Keyspace) -> str:
 async def fetch_user_states(astores, user_ids: list[str], features_version: str | None, recent_n: int) -> list[UserState]:
     """Batch + real-time state of several users in one pipelined round trip to the user store."""
     ks: Keyspace = astores.keyspace
-    pipe = astores("user_features").pipeline(transaction=False)
+    commands: list[tuple] = []
     for u in user_ids:
         if features_version:
-            pipe.get(ks.user_features(features_version, u))
-        pipe.lrange(ks.realtime_recent(u), 0, recent_n - 1)
-        pipe.hgetall(ks.realtime_counters(u))
-    res = await pipe.execute()
+            commands.append(("GET", ks.user_features(features_version, u)))
+        commands.append(("LRANGE", ks.realtime_recent(u), 0, recent_n - 1))
+        commands.append(("HGETALL", ks.realtime_counters(u)))
+    res = await astores.reads("user_features").execute(commands)
     step = 3 if features_version else 2
     out = []
     for j, u in enumerate(user_ids):
         part = res[j * step:(j + 1) * step]
         batch = part[0] if features_version else None
-        out.append(merge_user_state(u, batch, part[-2], part[-1], recent_n))
+        out.append(merge_user_state(u, batch, part[-2], pairs(part[-1]), recent_n))
     return out

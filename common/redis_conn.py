@@ -8,6 +8,7 @@ import redis
 import redis.asyncio as aioredis
 
 from common.keyspace import Keyspace
+from common.redis_reads import RedisPyReads, RedisReads
 
 
 def _url_for_db(url: str, db: int) -> str:
@@ -36,13 +37,27 @@ class RedisStores:
 
 
 class AsyncRedisStores:
-    """asyncio clients keyed by store name; hiredis parser, RESP2 (measurably faster here)."""
+    """asyncio clients keyed by store name: redis-py (hiredis parser, RESP2) for everything, and `reads(store)`,
+    a lean pipelined reader for the per-request reads (common/redis_reads.py says why)."""
 
     def __init__(self, url: str, keyspace: Keyspace, timeout_s: float = 1.0, max_connections: int = 64):
-        self.url, self.keyspace = url, keyspace
+        self.url, self.keyspace, self.timeout_s = url, keyspace, timeout_s
         self._kwargs = dict(protocol=2, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                             max_connections=max_connections, retry_on_timeout=False)
         self._clients: dict[int, aioredis.Redis] = {}
+        self._reads: dict[int, RedisReads | RedisPyReads] = {}
+
+    def reads(self, store: str) -> RedisReads | RedisPyReads:
+        """The per-request reader of a store (GET, MGET, pipelined reads through `execute`)."""
+        db = self.keyspace.db(store)
+        r = self._reads.get(db)
+        if r is None:
+            if urlparse(self.url).scheme == "redis":
+                r = RedisReads(_url_for_db(self.url, db), db, self.timeout_s)
+            else:
+                r = RedisPyReads(self(store))
+            self._reads[db] = r
+        return r
 
     def __call__(self, store: str) -> aioredis.Redis:
         db = self.keyspace.db(store)
@@ -51,6 +66,9 @@ class AsyncRedisStores:
         return self._clients[db]
 
     async def close(self) -> None:
+        for r in self._reads.values():
+            r.close()
+        self._reads.clear()
         for c in self._clients.values():
             await c.aclose()
         self._clients.clear()

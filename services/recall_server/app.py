@@ -204,7 +204,7 @@ class RecallService:
                         artifact = artifact_of(v)
                         todo = [x for x, hit in zip(part, cache.get_many(artifact, part), strict=True) if hit is None]
                         if todo:
-                            values = await self.astores(v.store).mget([key_of(v, x) for x in todo])
+                            values = await self.astores.reads(v.store).mget([key_of(v, x) for x in todo])
                             limit = limit_of(v)
                             for x, value in zip(todo, values, strict=True):
                                 cache.put(artifact, x, value, limit)

@@ -141,7 +141,7 @@ class I2IRetriever:
         missing = [j for j, v in enumerate(found) if v is None]
         if missing:
             ks, store, pub, ver = self.ks, view.store, view.spec.publisher, view.version
-            values = await self.astores(store).mget([ks.i2i(store, pub, ver, anchors[j]) for j in missing])
+            values = await self.astores.reads(store).mget([ks.i2i(store, pub, ver, anchors[j]) for j in missing])
             for j, v in zip(missing, values, strict=True):
                 found[j] = self.cache.put(artifact, anchors[j], v, view.spec.serve.per_anchor)
         return self._aggregate(view, ctx, found, n)
@@ -191,7 +191,7 @@ class U2URetriever:
         (value,) = self.lists.get_many(artifact, [ctx.user_id])
         if value is None:
             key = self.ks.u2u(view.store, view.spec.publisher, view.version, ctx.user_id)
-            (raw,) = await self.astores(view.store).mget([key])
+            (raw,) = await self.astores.reads(view.store).mget([key])
             value = self.lists.put(artifact, ctx.user_id, raw)
         sims, uids = self._neighbours(view, ctx, value)
         recents = await self.neighbor_recent(ctx.snap.features_version, uids, ctx.snap)
@@ -202,7 +202,7 @@ class U2URetriever:
         found, missing = self.cache.get_many(fver, uids)
         if missing:
             ks, index = self.ks, snap.item_index
-            values = await self.astores("user_features").mget([ks.user_features(fver, uids[i]) for i in missing])
+            values = await self.astores.reads("user_features").mget([ks.user_features(fver, uids[i]) for i in missing])
             for i, raw in zip(missing, values, strict=True):
                 arr = recent_indices(raw, index)
                 found[i] = arr
@@ -284,7 +284,7 @@ async def new_user_categories(astores, fver: str | None, user: UserState, limit:
     if not fver or not items:
         return []
     ks = astores.keyspace
-    values = await astores("item_features").mget([ks.item_features(fver, i) for i in items])
+    values = await astores.reads("item_features").mget([ks.item_features(fver, i) for i in items])
     cats: list[str] = []
     for raw in values:
         cat = orjson.loads(raw).get("category") if raw else None

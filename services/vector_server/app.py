@@ -336,7 +336,7 @@ class VectorService:
         vectors, fallback = self._user_vectors(req, bundles, out, state)
         if fallback:
             try:
-                values = await self.astores("user_emb").mget(
+                values = await self.astores.reads("user_emb").mget(
                     [self.ks.user_vector(bundles[n].publisher, bundles[n].version, req.user_id) for n in fallback])
             except REDIS_ERRORS as exc:
                 values = None

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from common.channel_config import ChannelSpec
 from common.tower_inputs import encode_user_inputs
+from services.vector_server.tower_numpy import matches, numpy_tower
 from trainer.channels import registry
 from trainer.channels._tower_model import encode_attrs, logits, ranking_loss, recent_matrix, row_logits
 from trainer.channels.two_tower import TwoTowerChannel
@@ -225,6 +226,13 @@ def test_artifact_and_torchscript_user_tower_match_the_training_model(data):
         batch = tower(torch.tensor([0, 1]), torch.zeros((2, 2), dtype=torch.int64),
                       torch.full((2, 5), data.n_items, dtype=torch.int64))
     assert batch.shape == (2, 16) and batch.dtype == torch.float32
+    # what the vector server runs on requests: the numpy twin of this exported tower, same vectors
+    twin = numpy_tower(tower, meta)
+    assert twin is not None and matches(twin, tower, meta, n=100)
+    for u in (0, 7, data.n_users - 1):
+        attrs = users.loc[data.user_map.ids[u]].to_dict()
+        inputs = encode_user_inputs(meta, u, attrs, data.recent(u, 5)[0])
+        np.testing.assert_allclose(twin(*inputs), art.user_vectors[u], atol=1e-5)
 
 
 def test_works_without_attribute_tables():

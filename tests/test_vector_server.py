@@ -206,6 +206,7 @@ def test_healthz_lists_loaded_channels(stack):
         ch = body["channels"][name]
         assert (ch["version"], ch["n_items"], ch["dim"], ch["index"]) == (stack["versions"][name], N_ITEMS, D, kind)
     assert body["channels"]["tw"]["tower"] is True and body["channels"]["flat"]["tower"] is False
+    assert body["channels"]["tw"]["tower_runtime"] == "torchscript"  # a tower the numpy twin does not know
 
 
 @pytest.mark.parametrize("channel", ["tw", "flat", "ivf"])

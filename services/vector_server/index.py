@@ -25,6 +25,7 @@ from common.publish import read_manifest
 from common.redis_conn import RedisStores
 from common.retrieval import sorted_ids
 from common.tower_inputs import encode_user_inputs
+from services.vector_server.tower_numpy import matches, numpy_tower
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ class Bundle:
     ef_factor: float = 2.0
     nprobe: int = 16
     tower: Any = None  # torch.jit.ScriptModule
+    tower_fn: Any = None  # its numpy twin (tower_numpy.py), used on requests when set
     tower_meta: dict[str, Any] = field(default_factory=dict)
     tower_error: str | None = None
     maps: IdMaps | None = None  # private id maps (artifacts dir) when the published ones are too short
@@ -195,6 +197,8 @@ class Bundle:
     def tower_vector(self, user_idx: int, attrs: dict[str, Any] | None, recent_idx: list[int]) -> np.ndarray:
         """User vector from the TorchScript tower for one user (contract: common/tower_inputs.py)."""
         u, a, r = encode_user_inputs(self.tower_meta, user_idx, attrs, recent_idx)
+        if self.tower_fn is not None:
+            return self.tower_fn(u, a, r)
         with torch.inference_mode():
             out = self.tower(torch.from_numpy(u), torch.from_numpy(a), torch.from_numpy(r))
         return out.detach().reshape(-1).to(torch.float32).numpy()
@@ -202,6 +206,7 @@ class Bundle:
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "n_items": self.n_items, "n_indexed": self.n_indexed, "dim": self.dim,
                 "index": self.index_type, "index_params": self.index_desc, "tower": self.tower is not None,
+                "tower_runtime": ("numpy" if self.tower_fn is not None else "torchscript") if self.tower is not None else None,
                 "tower_error": self.tower_error, "publisher": self.publisher, "load_s": round(self.load_s, 3),
                 "loaded_at": self.loaded_at}
 
@@ -256,6 +261,19 @@ def load_tower(blob: bytes, meta: dict[str, Any], dim: int) -> Any:
     return module
 
 
+def twin_of(tower, meta: dict[str, Any], what: str):
+    """The tower's numpy twin when it has one that reproduces it on probe inputs, else None (TorchScript serves)."""
+    try:
+        fn = numpy_tower(tower, meta)
+        if fn is None or matches(fn, tower, meta):
+            return fn
+        why = "it disagrees with the TorchScript module"
+    except Exception as exc:  # a twin is an optimisation: never a reason not to serve the tower
+        why = f"{type(exc).__name__}: {exc}"
+    log.warning("%s: user tower served by TorchScript (numpy twin unusable: %s)", what, why)
+    return None
+
+
 def _file_maps(manifest: dict[str, Any]) -> IdMaps | None:
     d = manifest.get("artifacts_dir")
     if not d:
@@ -293,15 +311,16 @@ def load_bundle(stores: RedisStores, spec: ChannelSpec, version: str, maps: IdMa
                     n_items - len(vectors), n_items)
     index, keep, desc = build_index(vectors, spec.index)
 
-    tower, tower_meta, tower_error = None, dict(manifest.get("user_tower_meta") or {}), None
+    tower, tower_meta, tower_error, tower_fn = None, dict(manifest.get("user_tower_meta") or {}), None, None
     if manifest.get("has_user_tower"):
         try:
             blob = stores("item_emb").get(stores.keyspace.user_tower(publisher, version))
             if blob is None:
                 raise LoadError("user tower key missing")
             tower = load_tower(blob, tower_meta, dim)
+            tower_fn = twin_of(tower, tower_meta, f"channel {spec.name} version {version}")
         except Exception as exc:  # serve the precomputed vectors rather than nothing
-            tower, tower_error = None, f"{type(exc).__name__}: {exc}"
+            tower, tower_fn, tower_error = None, None, f"{type(exc).__name__}: {exc}"
             log.error("channel %s version %s: user tower unusable, falling back to precomputed vectors: %s",
                       spec.name, version, tower_error)
 
@@ -322,7 +341,7 @@ def load_bundle(stores: RedisStores, spec: ChannelSpec, version: str, maps: IdMa
     return Bundle(channel=spec.name, publisher=publisher, version=version, dim=dim, n_items=n_items,
                   n_indexed=int(index.ntotal), index_type=spec.index.type if len(vectors) else "flat",
                   index_desc=desc, index=index, row_to_item=rows, normalize=normalize,
-                  ef_search=spec.index.ef_search, ef_factor=spec.index.ef_factor, nprobe=spec.index.nprobe, tower=tower, tower_meta=tower_meta,
+                  ef_search=spec.index.ef_search, ef_factor=spec.index.ef_factor, nprobe=spec.index.nprobe, tower=tower, tower_fn=tower_fn, tower_meta=tower_meta,
                   tower_error=tower_error, maps=private_maps, manifest=manifest, user_vectors=user_vectors,
                   user_present=user_present, user_map=user_map,
                   load_s=time.perf_counter() - t0, keep=keep)

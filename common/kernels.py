@@ -224,6 +224,68 @@ def merge_kernel(ids, scores, bounds, weights, quotas, rank_norm, rank_offset, e
 _local = threading.local()
 
 
+@njit(**_NOPYTHON)
+def _put_uint(out, p, v):
+    """Write the decimal digits of v ≥ 0 at out[p:]; returns the new position."""
+    n = 1
+    t = v
+    while t >= 10:
+        t //= 10
+        n += 1
+    for d in range(n - 1, -1, -1):
+        out[p + d] = 48 + v % 10
+        v //= 10
+    return p + n
+
+
+@njit(**_NOPYTHON)
+def items_json_kernel(ids, scores, frags, offsets):
+    """The JSON array `[{"item_id": ..., "score": s}, ...]`: item i's bytes up to the score are
+    frags[offsets[i]:offsets[i+1]]; each score is written rounded to 6 decimals, trailing zeros dropped.
+    Returns an empty array when a score cannot be written so (non-finite or ≥ 1e12): the caller falls back."""
+    total = 2
+    for j in range(len(ids)):
+        total += offsets[ids[j] + 1] - offsets[ids[j]] + 24
+    out = np.empty(total, np.uint8)
+    out[0] = 91  # [
+    p = 1
+    for j in range(len(ids)):
+        if j:
+            out[p] = 44  # ,
+            p += 1
+        i = ids[j]
+        for b in range(offsets[i], offsets[i + 1]):
+            out[p] = frags[b]
+            p += 1
+        s = np.float64(scores[j])
+        if not np.isfinite(s) or abs(s) >= 1e12:
+            return np.empty(0, np.uint8)
+        if s < 0:
+            v = np.int64(np.round(-s * 1e6))
+            if v:
+                out[p] = 45  # -
+                p += 1
+        else:
+            v = np.int64(np.round(s * 1e6))
+        p = _put_uint(out, p, v // 1000000)
+        frac = v % 1000000
+        if frac:
+            out[p] = 46  # .
+            p += 1
+            width = 6
+            while frac % 10 == 0:
+                frac //= 10
+                width -= 1
+            for d in range(width - 1, -1, -1):
+                out[p + d] = 48 + frac % 10
+                frac //= 10
+            p += width
+        out[p] = 125  # }
+        p += 1
+    out[p] = 93  # ]
+    return out[:p + 1]
+
+
 def scratch(max_id: int) -> np.ndarray:
     """This thread's all-zero int64 scratch array with room for ids up to `max_id` (the kernels restore it)."""
     s = getattr(_local, "slots", None)
@@ -238,6 +300,7 @@ def warm_up() -> None:
     aggregate_kernel(i64, f32, np.array([1, 2], np.int64), np.ones(2, np.float32), i32, 2, scratch(2))
     top_k_kernel(i64, f32, i32, 2)
     filter_kernel(i64, f32, i32, 3, 2)
+    items_json_kernel(i64[:1] - 1, f32[:1], np.frombuffer(b"{}", np.uint8), np.array([0, 1, 2], np.int64))
     for rank_norm in (True, False):
         merge_kernel(i64, f32, np.array([0, 1, 3], np.int64), np.ones(2, np.float64), np.ones(2, np.int64),
                      rank_norm, 20.0, i32, 2, 1e6, scratch(2))

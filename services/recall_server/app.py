@@ -31,6 +31,7 @@ from common.merge import ChannelOutput, merge, request_size
 from common.redis_conn import AsyncRedisStores
 from common.settings import Settings, get_settings
 from services.recall_server.metrics import RecallMetrics, metrics_payload
+from services.recall_server.response import items_json
 from services.recall_server.retrievers import (
     ChannelEmpty,
     I2IRetriever,
@@ -297,9 +298,9 @@ class RecallService:
         if len(ids) and ids.max() >= n_known:  # an artifact newer than our id map: drop what we cannot name
             keep = ids < n_known
             merged.ids, merged.scores, merged.ranks = ids[keep], merged.scores[keep], merged.ranks[keep]
-        ext = snap.item_ids[merged.ids].tolist()
-        scores = np.round(merged.scores.astype(np.float64), 6).tolist()
         if p.explain:
+            ext = snap.item_ids[merged.ids].tolist()
+            scores = np.round(merged.scores.astype(np.float64), 6).tolist()
             per: list[dict] = [{} for _ in ext]
             rows, cols = np.nonzero(merged.ranks)
             ch_names = merged.channel_names
@@ -307,11 +308,11 @@ class RecallService:
                 per[r][ch_names[c]] = v
             items = [{"item_id": i, "score": s, "channels": d} for i, s, d in zip(ext, scores, per, strict=True)]
         else:
-            items = [{"item_id": i, "score": s} for i, s in zip(ext, scores, strict=True)]
+            items = items_json(snap.item_json, snap.item_ids, merged.ids, merged.scores)
         statuses = {n: statuses[n] for n in names}  # config order, whatever order the channels finished in
         versions = {n: (results[n].version if n in results else snap.views[n].version) for n in names}
         versions[FEATURES_CHANNEL] = snap.features_version
-        self.metrics.returned.observe(len(items))
+        self.metrics.returned.observe(len(merged.ids))
         return {"user_id": p.user_id, "k": p.k, "items": items, "channels": statuses, "versions": versions,
                 "cold_start": cold}
 

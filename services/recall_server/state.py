@@ -20,6 +20,7 @@ from common.channel_config import ChannelConfig, ChannelSpec
 from common.keyspace import FEATURES_CHANNEL, Keyspace, unpack_json, unpack_neighbors
 from common.retrieval import rank_list
 from common.versions import VersionWatcher
+from services.recall_server.response import ItemFragments, item_fragments
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class Snapshot:
     item_ids: np.ndarray = field(default_factory=lambda: EMPTY_OBJ)  # internal index → external id
     item_index: dict[str, int] = field(default_factory=dict)
     user_ids: np.ndarray = field(default_factory=lambda: EMPTY_OBJ)
+    item_json: ItemFragments = field(default_factory=lambda: item_fragments([]))  # JSON prefix of each item
 
     @property
     def features_version(self) -> str | None:
@@ -106,6 +108,7 @@ class ServingState:
         self.neighbor_cache = NeighborRecentCache()
         self._id_lens: dict[str, int] = {"item": -1, "user": -1}
         self._item_ids, self._item_index, self._user_ids = EMPTY_OBJ, {}, EMPTY_OBJ
+        self._item_json = item_fragments([])
         self._manifests: dict[tuple[str, str], dict | None] = {}
         self._lists: dict[tuple[str, str], dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         self.on_snapshot = None  # optional callback(snapshot) (metrics)
@@ -141,6 +144,7 @@ class ServingState:
                 arr[:] = ids
                 if entity == "item":
                     self._item_ids, self._item_index = arr, {x: i for i, x in enumerate(ids)}
+                    self._item_json = item_fragments(ids)
                 else:
                     self._user_ids = arr
                 self._id_lens[entity] = lens[entity]
@@ -152,7 +156,7 @@ class ServingState:
         self._manifests = {key: m for key, m in self._manifests.items() if key in live}
         self._lists = {key: m for key, m in self._lists.items() if key in live}
         self.snapshot = Snapshot(versions=dict(versions), views=views, item_ids=self._item_ids,
-                                 item_index=self._item_index, user_ids=self._user_ids)
+                                 item_index=self._item_index, user_ids=self._user_ids, item_json=self._item_json)
         log.info("serving versions %s", {c: v for c, v in versions.items()})
         if self.on_snapshot is not None:
             self.on_snapshot(self.snapshot)

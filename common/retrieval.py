@@ -6,6 +6,8 @@ All functions take and return numpy arrays of internal item indices.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from common import kernels
@@ -38,9 +40,12 @@ def top_k(ids: np.ndarray, scores: np.ndarray, k: int, exclude: np.ndarray | Non
     return kernels.top_k_kernel(ids, scores, excl, k)
 
 
+@lru_cache(maxsize=256)
 def anchor_weights(n: int, decay: float) -> np.ndarray:
-    """Weight of the user's i-th most recent item: decay**i."""
-    return np.power(np.float32(decay), np.arange(n, dtype=np.float32))
+    """Weight of the user's i-th most recent item: decay**i (cached; read-only)."""
+    w = np.power(np.float32(decay), np.arange(n, dtype=np.float32))
+    w.flags.writeable = False
+    return w
 
 
 def aggregate(lists: list[tuple[np.ndarray, np.ndarray]], weights: np.ndarray, k: int,
@@ -50,9 +55,14 @@ def aggregate(lists: list[tuple[np.ndarray, np.ndarray]], weights: np.ndarray, k
         return EMPTY_IDS, EMPTY_SCORES
     lens = np.array([len(x[0]) for x in lists], dtype=np.int64)
     ids = np.concatenate([x[0] for x in lists]).astype(np.int64, copy=False)
+    scores = np.concatenate([x[1] for x in lists]).astype(np.float32, copy=False)
+    return _aggregate_flat(ids, scores, lens, weights, k, exclude)
+
+
+def _aggregate_flat(ids: np.ndarray, scores: np.ndarray, lens: np.ndarray, weights: np.ndarray, k: int,
+                    exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     if not len(ids):
         return EMPTY_IDS, EMPTY_SCORES
-    scores = np.concatenate([x[1] for x in lists]).astype(np.float32, copy=False)
     return kernels.aggregate_kernel(ids, scores, lens, np.asarray(weights, np.float32), id_array(exclude), k,
                                     kernels.scratch(int(ids.max())))
 
@@ -67,8 +77,11 @@ def retrieve_i2i(neighbor_lists: list[tuple[np.ndarray, np.ndarray]], k: int, de
 def retrieve_u2u(neighbor_sims: np.ndarray, neighbor_recent: list[np.ndarray], k: int,
                  exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """u2u: items of similar users' recent histories, each scored by the neighbour's similarity."""
-    lists = [(items, np.ones(len(items), np.float32)) for items in neighbor_recent]
-    return aggregate(lists, np.asarray(neighbor_sims, np.float32), k, exclude)
+    if not len(neighbor_recent):
+        return EMPTY_IDS, EMPTY_SCORES
+    lens = np.array([len(x) for x in neighbor_recent], dtype=np.int64)
+    ids = np.concatenate(neighbor_recent).astype(np.int64, copy=False)
+    return _aggregate_flat(ids, np.ones(len(ids), np.float32), lens, neighbor_sims, k, exclude)
 
 
 def retrieve_vector(user_vec: np.ndarray, item_vecs: np.ndarray, k: int,

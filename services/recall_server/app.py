@@ -133,6 +133,7 @@ class RecallService:
         self.state = ServingState(config, self.astores)
         self.state.on_snapshot = self._on_snapshot
         self._warm_task: asyncio.Task | None = None
+        self._flush_task: asyncio.Task | None = None
         self.enabled = [c.name for c in self.state.enabled]
         u2i = [c.timeout_ms for c in self.state.enabled if c.kind == "u2i"]
         self.vector_client = None  # VectorClient (HTTP to the vector server) or EmbeddedVectorSearch (in-process)
@@ -154,6 +155,12 @@ class RecallService:
         if self.settings.vector_mode == "embedded" and self.vector_client is not None:
             await self.vector_client.start()
         await self.warm_up()
+        self._flush_task = asyncio.get_running_loop().create_task(self._flush_metrics())
+
+    async def _flush_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(self.metrics.FLUSH_S)
+            self.metrics.flush()
 
     async def warm_up(self) -> None:
         """Compile the merge kernels and open a connection to every store and the vector server now, not on
@@ -220,8 +227,10 @@ class RecallService:
                      dict(cache.counts))
 
     async def stop(self) -> None:
-        if self._warm_task is not None:
-            self._warm_task.cancel()
+        for task in (self._warm_task, self._flush_task):
+            if task is not None:
+                task.cancel()
+        self.metrics.flush()
         await self.state.stop()
         if self.vector_client is not None:
             await self.vector_client.aclose()
@@ -312,7 +321,7 @@ class RecallService:
         statuses = {n: statuses[n] for n in names}  # config order, whatever order the channels finished in
         versions = {n: (results[n].version if n in results else snap.views[n].version) for n in names}
         versions[FEATURES_CHANNEL] = snap.features_version
-        self.metrics.returned.observe(len(merged.ids))
+        self.metrics.returned_items.observe(len(merged.ids))
         return {"user_id": p.user_id, "k": p.k, "items": items, "channels": statuses, "versions": versions,
                 "cold_start": cold}
 
@@ -410,7 +419,7 @@ def create_app(settings: Settings | None = None, config: ChannelConfig | None = 
     settings = settings or get_settings()
     config = config or load_config(settings.channels_config)
     metrics = RecallMetrics()
-    outcome = {o: metrics.requests.labels(o) for o in ("ok", "cold_start", "client_error", "unavailable", "error")}
+    outcome = metrics.outcome
     service = RecallService(settings, config, metrics)
     known = list(service.enabled)
     default_k, max_k = config.default_k, settings.max_k
@@ -476,7 +485,7 @@ def create_app(settings: Settings | None = None, config: ChannelConfig | None = 
             outcome["error"].inc()
             return 500, orjson.dumps({"detail": f"internal error: {type(exc).__name__}"})
         outcome["cold_start" if body["cold_start"] else "ok"].inc()
-        metrics.latency.observe(time.perf_counter() - t0)
+        metrics.request_latency.observe(time.perf_counter() - t0)
         return 200, orjson.dumps(body)
 
     app.state.recall_answer = answer
@@ -488,6 +497,7 @@ def create_app(settings: Settings | None = None, config: ChannelConfig | None = 
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus_metrics() -> Response:
+        metrics.flush()
         payload, content_type = metrics_payload(metrics.registry)
         return Response(payload, media_type=content_type)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -17,8 +18,57 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02
 COUNT_BUCKETS = (0, 1, 10, 50, 100, 200, 300, 500, 1000, 2000)
 
 
+class Tally:
+    """Observations of one Histogram (or Counter) child, counted in plain Python and added to it by `flush()`.
+
+    With several workers (multi-process mode) every prometheus observe writes two mmap'd values under a lock,
+    ≈ 2 µs; a /recall makes ~17 of them. Counting here and flushing a few times a second costs a tenth of that.
+    Falls back to updating the child directly if prometheus_client's layout is not the one expected."""
+
+    def __init__(self, child):
+        self.child = child
+        self.bounds = list(getattr(child, "_upper_bounds", ()))  # a Histogram's, +Inf last; [] for a Counter
+        self.direct = not (hasattr(child, "_buckets") and hasattr(child, "_sum")) if self.bounds else \
+            not hasattr(child, "inc")
+        self.counts = [0] * max(1, len(self.bounds))
+        self.total = 0.0
+        self.dirty = False
+
+    def observe(self, value: float) -> None:
+        if self.direct:
+            self.child.observe(value)
+            return
+        self.counts[bisect_left(self.bounds, value)] += 1  # the first bucket with value <= le
+        self.total += value
+        self.dirty = True
+
+    def inc(self, amount: float = 1.0) -> None:
+        if self.direct:
+            self.child.inc(amount)
+            return
+        self.total += amount
+        self.dirty = True
+
+    def flush(self) -> None:
+        if not self.dirty:
+            return
+        counts, total = self.counts, self.total
+        self.counts, self.total, self.dirty = [0] * len(counts), 0.0, False
+        if not self.bounds:
+            self.child.inc(total)
+            return
+        self.child._sum.inc(total)
+        for bucket, n in zip(self.child._buckets, counts, strict=True):
+            if n:
+                bucket.inc(n)
+
+
 class RecallMetrics:
-    """Every metric the recall server exports; label children are cached per channel (cheap to update)."""
+    """Every metric the recall server exports. The request path updates `Tally`s (label children cached per
+    channel); `flush()` moves them into the prometheus metrics (the server does it every `FLUSH_S` and before
+    answering /metrics)."""
+
+    FLUSH_S = 0.5
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -40,18 +90,33 @@ class RecallMetrics:
                                   buckets=COUNT_BUCKETS, **kw)
         self.versions = Gauge("recall_channel_version_info", "1 for the version each channel serves",
                               ["channel", "version"], multiprocess_mode="liveall", **kw)
-        self._children: dict[str, tuple] = {}
+        self._children: dict[str, tuple[Tally, ...]] = {}
         self._version_labels: dict[str, str] = {}
+        self._tallies: list[Tally] = []
+        self.outcome = {o: self._tally(self.requests.labels(o))
+                        for o in ("ok", "cold_start", "client_error", "unavailable", "error")}
+        self.request_latency = self._tally(self.latency)
+        self.returned_items = self._tally(self.returned)
 
-    def channel(self, name: str) -> tuple:
-        """(latency, errors, timeouts, empty, candidates) children for one channel."""
+    def _tally(self, child) -> Tally:
+        t = Tally(child)
+        self._tallies.append(t)
+        return t
+
+    def channel(self, name: str) -> tuple[Tally, ...]:
+        """(latency, errors, timeouts, empty, candidates) tallies for one channel."""
         c = self._children.get(name)
         if c is None:
-            c = (self.channel_latency.labels(name), self.channel_errors.labels(name),
-                 self.channel_timeouts.labels(name), self.channel_empty.labels(name),
-                 self.channel_candidates.labels(name))
+            c = tuple(self._tally(m.labels(name)) for m in (
+                self.channel_latency, self.channel_errors, self.channel_timeouts, self.channel_empty,
+                self.channel_candidates))
             self._children[name] = c
         return c
+
+    def flush(self) -> None:
+        """Add everything tallied since the last flush to the prometheus metrics."""
+        for t in self._tallies:
+            t.flush()
 
     def set_versions(self, versions: dict[str, str | None]) -> None:
         """Publish the versions gauge: 1 for the served version, 0 for replaced ones."""

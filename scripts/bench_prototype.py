@@ -99,8 +99,9 @@ def create_app():
     return app
 
 
-def measure(duration: float, conns: int = 32, unloaded: int = 1000) -> dict:
-    """Start a private Redis and the prototype (2 workers), drive it with wrk; return rps and latencies."""
+def measure(duration: float, conns: int = 32, unloaded: int = 1000, rate: float | None = None) -> dict:
+    """Start a private Redis and the prototype (2 workers), drive it with wrk; return rps and latencies (and the
+    latency at a fixed `rate`, with the serving benchmark's open-loop generator, when given)."""
     from common.local_redis import LocalRedis, free_port
     from scripts.bench_serving import cpu_seconds, pct, run_loadgen, stop, wrk_saturation
 
@@ -138,9 +139,15 @@ def measure(duration: float, conns: int = 32, unloaded: int = 1000) -> dict:
         cpu0 = cpu_seconds(proc.pid)
         sat = wrk_saturation(port, users, duration, conns, "k=300")
         cpu_ms = (cpu_seconds(proc.pid) - cpu0) / max(sat["requests"], 1) * 1000
-        return {"rps": sat["rps"], "p50_ms": sat["p50_ms"], "p99_ms": sat["p99_ms"], "non_2xx": sat["non_2xx"],
-                "unloaded_p50_ms": round(pct(lat, 50), 3), "unloaded_p99_ms": round(pct(lat, 99), 3),
-                "cpu_ms_per_request": round(cpu_ms, 3), "tool": sat["tool"]}
+        out = {"rps": sat["rps"], "p50_ms": sat["p50_ms"], "p99_ms": sat["p99_ms"], "non_2xx": sat["non_2xx"],
+               "unloaded_p50_ms": round(pct(lat, 50), 3), "unloaded_p99_ms": round(pct(lat, 99), 3),
+               "cpu_ms_per_request": round(cpu_ms, 3), "tool": sat["tool"]}
+        if rate:
+            fixed = run_loadgen("rate", port, paths, rate=rate, duration=duration, conns=64)
+            ms = np.asarray(fixed["latency_s"]) * 1000
+            out["at_rate"] = {"rate": rate, "p50_ms": round(pct(ms, 50), 2), "p99_ms": round(pct(ms, 99), 2),
+                              "errors": fixed["errors"]}
+        return out
     finally:
         if proc is not None:
             stop(proc)

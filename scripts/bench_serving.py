@@ -8,7 +8,8 @@ with the nightly job into a private Redis (saved, so later runs skip the trainin
 server and the recall server (2 uvicorn workers) as real processes on 127.0.0.1, and drives them from a
 separate load-generator process: `wrk` with a Lua script choosing random user ids for saturation when it
 is installed (apt-get install wrk), else the built-in asyncio generator; the built-in open-loop generator
-for the fixed-rate and unloaded runs. Writes the "Serving" section of docs/benchmarks.md.
+for the fixed-rate and unloaded runs (at nice -10 when allowed: it shares the cores with the stack it measures,
+and scheduling delays of its sends would count as latency). Writes the "Serving" section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -86,13 +87,14 @@ async def _sequential(host: str, port: int, paths: list[bytes], n: int, parse: b
 
 async def _open_loop(host: str, port: int, paths: list[bytes], rate: float, duration: float, conns: int) -> dict:
     """Requests sent on a fixed schedule (open loop); latency counts from the scheduled send time."""
-    loop = asyncio.get_running_loop()
     pool: asyncio.Queue[_Conn] = asyncio.Queue()
     for _ in range(conns):
         pool.put_nowait(await _connect(host, port))
     lat: list[float] = []
     errors = [0]
     n = int(rate * duration)
+
+    clock = time.perf_counter  # uvloop's loop.time() ticks in whole milliseconds
 
     async def one(i: int, t_sched: float) -> None:
         conn = await pool.get()
@@ -103,19 +105,19 @@ async def _open_loop(host: str, port: int, paths: list[bytes], rate: float, dura
         except Exception:
             errors[0] += 1
             conn = await _connect(host, port)
-        lat.append(loop.time() - t_sched)
+        lat.append(clock() - t_sched)
         pool.put_nowait(conn)
 
     tasks = []
-    t0 = loop.time() + 0.05
+    t0 = clock() + 0.05
     for i in range(n):
         t_sched = t0 + i / rate
-        delay = t_sched - loop.time()
+        delay = t_sched - clock()
         if delay > 0:
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(i, t_sched)))
     await asyncio.gather(*tasks)
-    wall = loop.time() - t0
+    wall = clock() - t0
     return {"latency_s": lat, "errors": errors[0], "sent": n, "wall_s": wall}
 
 
@@ -157,6 +159,14 @@ def loadgen_main(argv: list[str]) -> int:
     ap.add_argument("--parse", action="store_true")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
+    # The generator shares the 2 cores with the stack it measures; at normal priority the scheduler delays its
+    # sends by several ms at a time and those delays count as latency (open loop). A client on another machine
+    # would not be delayed so: raise its priority when allowed (root / CAP_SYS_NICE) and say so in the result.
+    try:
+        os.nice(-10)
+        niceness = -10
+    except OSError:
+        niceness = 0
     try:
         import uvloop
 
@@ -171,6 +181,7 @@ def loadgen_main(argv: list[str]) -> int:
         res = asyncio.run(_open_loop(host, a.port, paths, a.rate, a.duration, a.conns))
     else:
         res = asyncio.run(_closed_loop(host, a.port, paths, a.duration, a.conns))
+    res["niceness"] = niceness
     a.out.write_bytes(orjson.dumps(res))
     return 0
 
@@ -441,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         from scripts import bench_prototype
 
         say("reference prototype (PERFORMANCE_NOTES.md shape) on this machine, now")
-        prototype = bench_prototype.measure(args.duration)
+        prototype = bench_prototype.measure(args.duration, rate=args.rate)
         say(f"prototype: {prototype['rps']:.0f} rps, unloaded p50 {prototype['unloaded_p50_ms']} ms")
     stores = RedisStores(redis_server.url, Keyspace.from_settings(ctx["settings"]))
     user_ids = load_id_map(stores, "user").ids
@@ -539,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
                                "achieved_rps": round(efixed["sent"] / efixed["wall_s"], 1),
                                "p50_ms": round(pct(efixed_ms, 50), 3), "p90_ms": round(pct(efixed_ms, 90), 3),
                                "p99_ms": round(pct(efixed_ms, 99), 3), "max_ms": round(float(efixed_ms.max()), 3),
-                               "errors": efixed["errors"]},
+                               "errors": efixed["errors"], "niceness": efixed.get("niceness", 0)},
             }
             embedded["met"] = {"rps": esat["rps"] >= TARGETS["rps"],
                                "p99_ms_at_rate": embedded["fixed_rate"]["p99_ms"] <= TARGETS["p99_ms_at_rate"],
@@ -561,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
             "fixed_rate": {"rate": args.rate, "sent": fixed["sent"], "achieved_rps": round(fixed["sent"] / fixed["wall_s"], 1),
                            "p50_ms": round(pct(fixed_ms, 50), 3), "p90_ms": round(pct(fixed_ms, 90), 3),
                            "p99_ms": round(pct(fixed_ms, 99), 3), "max_ms": round(float(fixed_ms.max()), 3),
-                           "errors": fixed["errors"]},
+                           "errors": fixed["errors"], "niceness": fixed.get("niceness", 0)},
             "half_load": {"rate": half_rate, "sent": half["sent"], "p50_ms": round(pct(half_ms, 50), 3),
                           "p99_ms": round(pct(half_ms, 99), 3), "errors": half["errors"]},
             "cpu_capacity_rps_2_cores": round(2000.0 / max(sum(cpu_ms.values()), 1e-9)),
@@ -617,7 +628,7 @@ machine (loopback). Measured {r['date']} by `python -m scripts.bench_serving` (l
 | measure | result | target | |
 |---|---|---|---|
 | saturation throughput ({s['tool']}) | **{s['rps']:.0f} rps** (p50 {s['p50_ms'] or 0:.1f} ms, p99 {s['p99_ms'] or 0:.1f} ms, non-2xx {s['non_2xx']}) | ≥ {r['targets']['rps']:.0f} rps | {ok('rps')} |
-| p99 at a fixed {f['rate']:.0f} rps (open loop, {f['sent']} requests, achieved {f['achieved_rps']:.0f} rps) | **{f['p99_ms']:.1f} ms** (p50 {f['p50_ms']:.1f}, p90 {f['p90_ms']:.1f}, max {f['max_ms']:.0f}; errors {f['errors']}) | ≤ {r['targets']['p99_ms_at_rate']:.0f} ms | {ok('p99_ms_at_rate')} |
+| p99 at a fixed {f['rate']:.0f} rps (open loop{_nice(f)}, {f['sent']} requests, achieved {f['achieved_rps']:.0f} rps) | **{f['p99_ms']:.1f} ms** (p50 {f['p50_ms']:.1f}, p90 {f['p90_ms']:.1f}, max {f['max_ms']:.0f}; errors {f['errors']}) | ≤ {r['targets']['p99_ms_at_rate']:.0f} ms | {ok('p99_ms_at_rate')} |
 | unloaded latency ({u['n']} sequential requests) | **p50 {u['p50_ms']:.2f} ms** (p90 {u['p90_ms']:.2f}, p99 {u['p99_ms']:.2f}) | p50 ≤ {r['targets']['p50_ms_unloaded']:.0f} ms | {ok('p50_ms_unloaded')} |
 | p99 at half the measured saturation ({r['half_load']['rate']:.0f} rps, open loop) | {r['half_load']['p99_ms']:.1f} ms (p50 {r['half_load']['p50_ms']:.1f}; errors {r['half_load']['errors']}) | | |
 
@@ -661,7 +672,7 @@ every worker holds every index), same data, channels and load:
 | measure | result | target | |
 |---|---|---|---|
 | saturation throughput ({s['tool']}) | **{s['rps']:.0f} rps** (p50 {s['p50_ms'] or 0:.1f} ms, p99 {s['p99_ms'] or 0:.1f} ms, non-2xx {s['non_2xx']}) | ≥ {r['targets']['rps']:.0f} rps | {met['rps']} |
-| p99 at a fixed {f['rate']:.0f} rps ({f['sent']} requests, achieved {f['achieved_rps']:.0f} rps) | **{f['p99_ms']:.1f} ms** (p50 {f['p50_ms']:.1f}, max {f['max_ms']:.0f}; errors {f['errors']}) | ≤ {r['targets']['p99_ms_at_rate']:.0f} ms | {met['p99_ms_at_rate']} |
+| p99 at a fixed {f['rate']:.0f} rps ({f['sent']} requests{_nice(f)}, achieved {f['achieved_rps']:.0f} rps) | **{f['p99_ms']:.1f} ms** (p50 {f['p50_ms']:.1f}, max {f['max_ms']:.0f}; errors {f['errors']}) | ≤ {r['targets']['p99_ms_at_rate']:.0f} ms | {met['p99_ms_at_rate']} |
 | unloaded latency ({u['n']} sequential requests) | **p50 {u['p50_ms']:.2f} ms** (p90 {u['p90_ms']:.2f}, p99 {u['p99_ms']:.2f}) | p50 ≤ {r['targets']['p50_ms_unloaded']:.0f} ms | {met['p50_ms_unloaded']} |
 
 CPU per request at saturation: {cpu}.
@@ -679,8 +690,22 @@ def _prototype(r: dict) -> str:
 k=200 at efSearch 256, numpy merge, orjson; no config, versions, metrics or fault handling) reached
 **{p['rps']:.0f} rps** ({p['tool']}; unloaded p50 {p['unloaded_p50_ms']:.2f} ms, CPU {p['cpu_ms_per_request']:.2f} ms
 per request) — PERFORMANCE_NOTES quotes ≈ 1,350 rps for it on the machine it was first measured on. The best
-mode above reaches {best / max(p['rps'], 1e-9):.0%} of it with {len(r['channels'])} channels.
+mode above reaches {best / max(p['rps'], 1e-9):.0%} of it with {len(r['channels'])} channels.{_prototype_rate(p)}
 """
+
+
+def _nice(f: dict) -> str:
+    n = f.get("niceness", 0)
+    return f", generator at nice {n}" if n else ", generator at normal priority"
+
+
+def _prototype_rate(p: dict) -> str:
+    a = p.get("at_rate")
+    if not a:
+        return ""
+    return (f" At a fixed {a['rate']:.0f} rps, driven by the same open-loop generator as the runs above, the prototype's"
+            f" p99 was {a['p99_ms']:.1f} ms (p50 {a['p50_ms']:.1f}; errors {a['errors']}): what this machine and"
+            f" generator give for a request path of about half our CPU per request.")
 
 
 def write_doc(section: str) -> None:

@@ -642,12 +642,13 @@ the recall server itself does per request: **{r['without_u2i']['saturation']['rp
 unloaded p50 {r['without_u2i']['unloaded_p50_ms']:.2f} ms (p99 {r['without_u2i']['unloaded_p99_ms']:.2f});
 CPU per request {', '.join(f"{k} {v:.2f} ms" for k, v in r['without_u2i']['cpu_ms_per_request'].items())}.
 
-Where the time goes (py-spy profiles of the embedded-mode recall workers at saturation, 2026-12-01, shares of
-their CPU): the u2i pair ≈ 30 % (user tower ≈ 12 %, two HNSW searches ≈ 16 %); the four i2i/u2u channels
-≈ 20 % (list-cache lookups, compiled aggregation); the user-state pipeline ≈ 5 %; merge and the 300-item JSON
-answer ≈ 7 %; uvicorn, FastAPI, asyncio and socket I/O the rest (≈ 35 %). On its own the fixed part (HTTP, user
-state, one list channel, merge, response) costs ≈ 1.2–1.4 ms of CPU per request here. The targets were set on
-the two-channel prototype of PERFORMANCE_NOTES.md; this stack runs {len(r['channels'])} channels.
+Where the time goes (py-spy profile of an embedded-mode recall worker at saturation, 2026-12-01 16:30, shares of
+its samples): the u2i pair ≈ 43 % — two HNSW searches ≈ 28 % (two_tower k≈110 at efSearch 220 ≈ 0.26 ms and mf
+k≈35 at efSearch 70 ≈ 0.14 ms each, measured alone), the numpy user tower ≈ 6 %, the rest building the call and
+filtering; the four i2i/u2u channels ≈ 16 % (list-cache lookups, compiled aggregation); merge ≈ 6 %; the
+300-item JSON answer ≈ 4 %; the user-state read ≈ 5 %; metrics ≈ 3 %; HTTP (uvicorn, sockets) most of the rest.
+The targets were set on the two-channel prototype of PERFORMANCE_NOTES.md; this stack runs
+{len(r['channels'])} channels.
 
 Per-channel latency inside the recall server, unloaded (the `latency_ms` each answer reports; channels run
 concurrently, so they overlap):

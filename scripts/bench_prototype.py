@@ -99,11 +99,12 @@ def create_app():
     return app
 
 
-def measure(duration: float, conns: int = 32, unloaded: int = 1000, rate: float | None = None) -> dict:
+def measure(duration: float, conns: int = 32, unloaded: int = 1000, rate: float | None = None,
+            rate_runs: int = 3) -> dict:
     """Start a private Redis and the prototype (2 workers), drive it with wrk; return rps and latencies (and the
     latency at a fixed `rate`, with the serving benchmark's open-loop generator, when given)."""
     from common.local_redis import LocalRedis, free_port
-    from scripts.bench_serving import cpu_seconds, pct, run_loadgen, stop, wrk_saturation
+    from scripts.bench_serving import cpu_seconds, fixed_rate, pct, run_loadgen, stop, wrk_saturation
 
     work = Path(tempfile.mkdtemp(prefix="prototype-"))
     redis_server = LocalRedis(data_dir=work / "redis", port=free_port()).start()
@@ -143,10 +144,7 @@ def measure(duration: float, conns: int = 32, unloaded: int = 1000, rate: float 
                "unloaded_p50_ms": round(pct(lat, 50), 3), "unloaded_p99_ms": round(pct(lat, 99), 3),
                "cpu_ms_per_request": round(cpu_ms, 3), "tool": sat["tool"]}
         if rate:
-            fixed = run_loadgen("rate", port, paths, rate=rate, duration=duration, conns=64)
-            ms = np.asarray(fixed["latency_s"]) * 1000
-            out["at_rate"] = {"rate": rate, "p50_ms": round(pct(ms, 50), 2), "p99_ms": round(pct(ms, 99), 2),
-                              "errors": fixed["errors"]}
+            out["at_rate"] = fixed_rate(port, paths, rate, duration, rate_runs)
         return out
     finally:
         if proc is not None:

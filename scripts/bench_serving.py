@@ -376,6 +376,22 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(5)
 
 
+def fixed_rate(port: int, paths: Path, rate: float, duration: float, runs: int) -> dict:
+    """`runs` open-loop runs at `rate`; the one with the median p99 (the machine is shared: one noisy window
+    should not decide), with every run's p99 kept."""
+    done = []
+    for _ in range(max(1, runs)):
+        res = run_loadgen("rate", port, paths, rate=rate, duration=duration, conns=64)
+        ms = np.asarray(res["latency_s"]) * 1000
+        done.append((pct(ms, 99), res, ms))
+    done.sort(key=lambda x: x[0])
+    _, res, ms = done[len(done) // 2]
+    return {"rate": rate, "sent": res["sent"], "achieved_rps": round(res["sent"] / res["wall_s"], 1),
+            "p50_ms": round(pct(ms, 50), 3), "p90_ms": round(pct(ms, 90), 3), "p99_ms": round(pct(ms, 99), 3),
+            "max_ms": round(float(ms.max()), 3), "errors": res["errors"], "niceness": res.get("niceness", 0),
+            "runs_p99_ms": [round(x[0], 2) for x in done]}
+
+
 def pct(values, q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else float("nan")
 
@@ -423,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="recall server uvicorn workers")
     ap.add_argument("--k", type=int, default=300)
     ap.add_argument("--rate", type=float, default=500.0, help="fixed request rate for the p99 measurement")
+    ap.add_argument("--rate-runs", type=int, default=3, help="fixed-rate runs per mode (the median p99 is reported)")
     ap.add_argument("--duration", type=float, default=20.0, help="seconds of each loaded run")
     ap.add_argument("--conns", type=int, default=32, help="connections of the saturation run")
     ap.add_argument("--unloaded", type=int, default=2000, help="sequential requests of the unloaded run")
@@ -452,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         from scripts import bench_prototype
 
         say("reference prototype (PERFORMANCE_NOTES.md shape) on this machine, now")
-        prototype = bench_prototype.measure(args.duration, rate=args.rate)
+        prototype = bench_prototype.measure(args.duration, rate=args.rate, rate_runs=args.rate_runs)
         say(f"prototype: {prototype['rps']:.0f} rps, unloaded p50 {prototype['unloaded_p50_ms']} ms")
     stores = RedisStores(redis_server.url, Keyspace.from_settings(ctx["settings"]))
     user_ids = load_id_map(stores, "user").ids
@@ -518,8 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         lat_nv = np.asarray(seq_nv["latency_s"]) * 1000
 
         say(f"fixed rate: {args.rate:.0f} rps for {args.duration:.0f}s (open loop)")
-        fixed = run_loadgen("rate", rport, paths_file, rate=args.rate, duration=args.duration, conns=64)
-        fixed_ms = np.asarray(fixed["latency_s"]) * 1000
+        fixed = fixed_rate(rport, paths_file, args.rate, args.duration, args.rate_runs)
         half_rate = max(10.0, round(0.5 * sat["rps"]))
         say(f"fixed rate at half the measured saturation: {half_rate:.0f} rps for {args.duration:.0f}s")
         half = run_loadgen("rate", rport, paths_file, rate=half_rate, duration=args.duration, conns=64)
@@ -539,18 +555,13 @@ def main(argv: list[str] | None = None) -> int:
             elat = np.asarray(eseq["latency_s"]) * 1000
             esat, ecpu, ecores = saturate(f"k={args.k}", paths_file, "embedded, all channels")
             say(f"embedded: fixed rate {args.rate:.0f} rps for {args.duration:.0f}s (open loop)")
-            efixed = run_loadgen("rate", rport, paths_file, rate=args.rate, duration=args.duration, conns=64)
-            efixed_ms = np.asarray(efixed["latency_s"]) * 1000
+            efixed = fixed_rate(rport, paths_file, args.rate, args.duration, args.rate_runs)
             embedded = {
                 "unloaded": {"n": len(elat), "p50_ms": round(pct(elat, 50), 3), "p90_ms": round(pct(elat, 90), 3),
                              "p99_ms": round(pct(elat, 99), 3), "errors": eseq["errors"]},
                 "saturation": {k: v for k, v in esat.items() if k != "raw"},
                 "cpu_ms_per_request": ecpu, "cpu_cores_at_saturation": ecores,
-                "fixed_rate": {"rate": args.rate, "sent": efixed["sent"],
-                               "achieved_rps": round(efixed["sent"] / efixed["wall_s"], 1),
-                               "p50_ms": round(pct(efixed_ms, 50), 3), "p90_ms": round(pct(efixed_ms, 90), 3),
-                               "p99_ms": round(pct(efixed_ms, 99), 3), "max_ms": round(float(efixed_ms.max()), 3),
-                               "errors": efixed["errors"], "niceness": efixed.get("niceness", 0)},
+                "fixed_rate": efixed,
             }
             embedded["met"] = {"rps": esat["rps"] >= TARGETS["rps"],
                                "p99_ms_at_rate": embedded["fixed_rate"]["p99_ms"] <= TARGETS["p99_ms_at_rate"],
@@ -569,10 +580,7 @@ def main(argv: list[str] | None = None) -> int:
                          "p99_ms": round(pct(lat_ms, 99), 3), "errors": seq["errors"]},
             "saturation": {k: v for k, v in sat.items() if k != "raw"},
             "cpu_ms_per_request": cpu_ms, "cpu_cores_at_saturation": cpu_cores,
-            "fixed_rate": {"rate": args.rate, "sent": fixed["sent"], "achieved_rps": round(fixed["sent"] / fixed["wall_s"], 1),
-                           "p50_ms": round(pct(fixed_ms, 50), 3), "p90_ms": round(pct(fixed_ms, 90), 3),
-                           "p99_ms": round(pct(fixed_ms, 99), 3), "max_ms": round(float(fixed_ms.max()), 3),
-                           "errors": fixed["errors"], "niceness": fixed.get("niceness", 0)},
+            "fixed_rate": fixed,
             "half_load": {"rate": half_rate, "sent": half["sent"], "p50_ms": round(pct(half_ms, 50), 3),
                           "p99_ms": round(pct(half_ms, 99), 3), "errors": half["errors"]},
             "cpu_capacity_rps_2_cores": round(2000.0 / max(sum(cpu_ms.values()), 1e-9)),
@@ -697,7 +705,9 @@ mode above reaches {best / max(p['rps'], 1e-9):.0%} of it with {len(r['channels'
 
 def _nice(f: dict) -> str:
     n = f.get("niceness", 0)
-    return f", generator at nice {n}" if n else ", generator at normal priority"
+    runs = f.get("runs_p99_ms") or []
+    many = f"; median p99 of {len(runs)} runs: {' / '.join(f'{x:.1f}' for x in runs)} ms" if len(runs) > 1 else ""
+    return (f", generator at nice {n}" if n else ", generator at normal priority") + many
 
 
 def _prototype_rate(p: dict) -> str:
@@ -705,8 +715,8 @@ def _prototype_rate(p: dict) -> str:
     if not a:
         return ""
     return (f" At a fixed {a['rate']:.0f} rps, driven by the same open-loop generator as the runs above, the prototype's"
-            f" p99 was {a['p99_ms']:.1f} ms (p50 {a['p50_ms']:.1f}; errors {a['errors']}): what this machine and"
-            f" generator give for a request path of about half our CPU per request.")
+            f" p99 was {a['p99_ms']:.1f} ms (p50 {a['p50_ms']:.1f}; errors {a['errors']}{_nice(a)}): what this machine"
+            f" and generator give for a request path of about 70 % of our CPU per request.")
 
 
 def write_doc(section: str) -> None:

@@ -109,7 +109,11 @@ class RedisReads:
                 _, proto = await loop.create_connection(_RespProtocol, *self._addr)
                 hello = ([("AUTH", *self._auth)] if self._auth else []) + ([("SELECT", self.db)] if self.db else [])
                 if hello:
-                    await self._send(proto, hello)
+                    try:
+                        await self._send(proto, hello)
+                    except BaseException:  # wrong password, no such DB, cancelled: do not leak the socket
+                        proto.abort(redis.exceptions.ConnectionError("handshake failed"))
+                        raise
         except TimeoutError:
             raise redis.exceptions.TimeoutError(f"Redis at {self._where()} did not accept a connection within "
                                                 f"{self.timeout_s:g}s") from None

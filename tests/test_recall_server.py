@@ -7,9 +7,12 @@ the same publishing code as the nightly job, and the three services as real proc
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 import redis
-from conftest import ServerProcess, free_port
+from conftest import ROOT, ServerProcess, free_port
 
 from common.channel_config import load_config
 from common.ids import load_id_map, publish_id_map
@@ -503,3 +506,55 @@ def test_redis_stopped_and_restarted(stack):
 
 # -- the lean clients of the request path ----------------------------------------------------------
 
+
+
+def test_workers_share_connections_and_stop_together(stack):
+    """--workers 2: each worker has its own SO_REUSEPORT socket, so a burst of keep-alive connections is spread
+    over both; SIGTERM to the supervisor stops every worker; a port already in use is refused, not shared."""
+    port = free_port()
+    log = stack["root"] / f"recall-workers-{port}.log"
+    server = ServerProcess(["services.recall_server", "serve", "--port", str(port), "--workers", "2"], stack["env"],
+                           port, log).start()
+    try:
+        deadline = time.monotonic() + 60
+        while len({httpx.get(server.url + "/healthz", timeout=5).json()["pid"] for _ in range(20)}) < 2:
+            assert time.monotonic() < deadline, "the second worker never answered"
+            time.sleep(0.2)
+
+        async def burst() -> tuple[list[int], list[int]]:  # 40 connections opened at once, as a client pool does
+            clients = [httpx.AsyncClient(base_url=server.url, timeout=10) for _ in range(40)]
+            try:
+                first = await asyncio.gather(*(c.get("/healthz") for c in clients))
+                second = await asyncio.gather(*(c.get("/healthz") for c in clients))
+                return [r.json()["pid"] for r in first], [r.json()["pid"] for r in second]
+            finally:
+                for c in clients:
+                    await c.aclose()
+
+        pids, again = asyncio.run(burst())
+        assert pids == again  # keep-alive: each connection stays with its worker
+        counts = sorted(pids.count(p) for p in set(pids))
+        assert len(counts) == 2 and counts[0] >= 8, counts  # binomial(40, ½): below 8 has odds ≈ 1e-4
+        worker_pids = set(pids)
+        busy = ServerProcess(["services.recall_server", "serve", "--port", str(port), "--workers", "2"],
+                             stack["env"], port, stack["root"] / "recall-busy.log")
+        busy.proc = subprocess.Popen([sys.executable, "-m", *busy.args], env=stack["env"], cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out, _ = busy.proc.communicate(timeout=60)
+        assert busy.proc.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in out.decode()
+    finally:
+        server.stop()
+    for pid in worker_pids:
+        deadline = time.monotonic() + 15
+        while Path(f"/proc/{pid}").exists() and "zombie" not in _proc_state(pid):
+            assert time.monotonic() < deadline, f"worker {pid} still running after the supervisor stopped"
+            time.sleep(0.1)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(server.url + "/healthz", timeout=2)
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "zombie"

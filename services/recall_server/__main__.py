@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
@@ -33,9 +34,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    uvicorn.run("services.recall_server.app:uvicorn_factory", factory=True, host=args.host, port=args.port,
-                workers=args.workers, access_log=settings.access_log, log_level=args.log_level.lower(),
-                timeout_graceful_shutdown=5)
+    from services.recall_server import workers
+
+    kwargs = dict(access_log=settings.access_log, log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
+    if args.workers > 1 and workers.supported():  # one SO_REUSEPORT socket per worker: connections spread evenly
+        logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            return workers.serve(args.workers, args.host, args.port, kwargs)
+        except OSError as exc:
+            print(f"recall server: {exc}", file=sys.stderr)
+            return 1
+    uvicorn.run(workers.APP, factory=True, host=args.host, port=args.port, workers=args.workers, **kwargs)
     return 0
 
 

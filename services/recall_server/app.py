@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import re
 import time
 from contextlib import asynccontextmanager
@@ -223,6 +224,7 @@ class RecallService:
             log.warning("list cache warm-up stopped: %s: %s", type(exc).__name__, exc)
             return
         finally:
+            gc.freeze()  # the cache's objects are long-lived: keep them out of later collections (as at start-up)
             log.info("list cache: %.0f MB after warm-up (%.1fs): %s", cache.size / 2**20, time.perf_counter() - t0,
                      dict(cache.counts))
 
@@ -388,7 +390,8 @@ class RecallService:
         channels = {name: ("ok" if not v.unavailable else v.unavailable) for name, v in snap.views.items()}
         warming = [name for name, task in (("lists", self._warm_task), ("neighbours", self.state.warm_task))
                    if task is not None and not task.done()]
-        body = {"status": "ok", "redis": "ok", "vector_mode": self.settings.vector_mode, "versions": snap.versions,
+        body = {"status": "ok", "redis": "ok", "pid": os.getpid(), "vector_mode": self.settings.vector_mode,
+                "versions": snap.versions,
                 "channels": channels, "warming": warming,  # background cache fills of this worker still running
                 "list_cache": {"mb": round(self.list_cache.size / 2**20, 1), "lists": dict(self.list_cache.counts)}}
         if self.settings.vector_mode == "embedded" and self.vector_client is not None:

@@ -8,6 +8,7 @@ versions of a channel even if a publish lands while it runs.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -188,6 +189,7 @@ class ServingState:
         except Exception as exc:  # Redis down: the cache fills from requests instead
             log.warning("neighbour cache warm-up stopped: %s: %s", type(exc).__name__, exc)
             return
+        gc.freeze()  # long-lived from now on: keep them out of later collections (as at start-up)
         log.info("neighbour cache: %d users warmed in %.1fs", len(cache), time.perf_counter() - t0)
 
     async def _view(self, spec: ChannelSpec, version: str | None) -> ChannelView:

@@ -28,8 +28,8 @@ class Tally:
     def __init__(self, child):
         self.child = child
         self.bounds = list(getattr(child, "_upper_bounds", ()))  # a Histogram's, +Inf last; [] for a Counter
-        self.direct = not (hasattr(child, "_buckets") and hasattr(child, "_sum")) if self.bounds else \
-            not hasattr(child, "inc")
+        # a Counter is flushed through its public inc(); a Histogram needs its bucket values
+        self.direct = bool(self.bounds) and not (hasattr(child, "_buckets") and hasattr(child, "_sum"))
         self.counts = [0] * max(1, len(self.bounds))
         self.total = 0.0
         self.dirty = False

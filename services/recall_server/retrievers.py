@@ -122,7 +122,8 @@ class I2IRetriever:
         anchors = ctx.recent_idx[: view.spec.serve.recent_n].tolist()
         if not anchors:
             raise ChannelEmpty("no recent item known to the item id map")
-        return i2i_artifact(view), anchors, self.cache.get_many(i2i_artifact(view), anchors)
+        artifact = i2i_artifact(view)
+        return artifact, anchors, self.cache.get_many(artifact, anchors)
 
     def _aggregate(self, view: ChannelView, ctx: RequestContext, lists: list[Neighbors], n: int) -> Result:
         serve = view.spec.serve

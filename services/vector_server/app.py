@@ -355,10 +355,10 @@ class VectorService:
         """`user_searches` without I/O: the answer when everything it needs is in memory (the caller sent the
         user's recent items and attributes, precomputed vectors are held in memory), else None."""
         bundles, out = self._bundles(req)
-        if self._needs_state(req, bundles):
-            return None
+        if self._needs_state(req, bundles) or any(b.tower is None and b.user_vectors is None for b in bundles.values()):
+            return None  # known before computing any tower, so the async path does not compute them twice
         vectors, fallback = self._user_vectors(req, bundles, out, None)
-        if fallback:
+        if fallback:  # rare: a tower gave nothing and its channel's precomputed vectors are not in memory
             return None
         return self._search_all(req, bundles, vectors, out, None)
 

@@ -41,6 +41,9 @@ class IndexParams(BaseModel):
     ef_factor: float = Field(2.0, ge=1.0, le=64.0, description="hnsw: beam = max(ef_search, ef_factor · (k + excluded)) per query")
     nlist: int | None = Field(None, ge=1, description="ivf: number of lists (default 4·sqrt(n))")
     nprobe: int = Field(16, ge=1, description="ivf: lists visited per query")
+    precompute_k: int = Field(100, ge=0, le=10_000, description="channels without a user tower: each user's top "
+                              "precompute_k items are searched once when a version loads (within VECTOR_PRECOMPUTE_MB) "
+                              "and requests are answered from them; 0: search on every request")
 
 
 class ChannelSpec(BaseModel):

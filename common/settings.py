@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     vector_poll_s: float = Field(default=1.0, gt=0, description="Vector server: how often `current` pointers and id maps are polled.")
     vector_load_timeout_s: float = Field(default=30.0, gt=0, description="Vector server: Redis socket timeout while loading a version.")
     vector_user_cache_mb: int = Field(default=1024, ge=0, description="Vector server: precomputed user vectors of a channel are held in memory when they fit in this many MB (0: always read from Redis).")
+    vector_precompute_mb: int = Field(default=512, ge=0, description="Vector server: per-user search results of a channel without a user tower (its user vectors are fixed per version) are computed when the version loads and held in memory when users × index.precompute_k × 8 bytes fit in this many MB (0: search on every request).")
     recall_list_cache_mb: int = Field(default=512, ge=0, description="Recall server: i2i/u2u neighbour lists are kept in each worker's memory up to this many MB (lists are immutable per version; after each version change the most popular items' i2i lists, then every user's u2u list, are loaded in the background up to 3/4 of it; 0 disables).")
     log_level: str = "info"
     access_log: bool = Field(default=False, description="uvicorn access log (costs ~20% at high rates).")

@@ -368,6 +368,21 @@ def wait_warm(port: int, timeout: float = 300) -> None:
         time.sleep(0.2 if quiet else 1.0)
 
 
+def wait_vector_warm(port: int, timeout: float = 600) -> None:
+    """Wait until the vector server has loaded every channel and finished precomputing per-user results."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            body = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()
+            if not body.get("not_loaded") and not body.get("precomputing"):
+                return
+        except (httpx.TransportError, ValueError):
+            pass
+        time.sleep(1.0)
+
+
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -494,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         first = wait_ready(rport, sample[0], recall, run / "recall.log")
         wait_warm(rport)
+        wait_vector_warm(vport)
         channels = list(first["channels"])
         from common.channel_config import load_config
 

@@ -189,7 +189,8 @@ def stack(tmp_path_factory):
                                tmp / "server.log").start()
         try:
             wait_versions(server.url, versions)
-            yield {"url": server.url, "stores": stores, "items": items, "versions": versions}
+            yield {"url": server.url, "stores": stores, "items": items, "versions": versions, "env": env,
+                   "tmp": tmp}
         finally:
             server.stop()
             stores.close()
@@ -283,6 +284,46 @@ def test_user_search_uses_precomputed_vector_without_tower(stack):
     push_event(stack["stores"], "u3", ITEM_IDS[body["ids"][0]], 3000)
     again = post(stack["url"], {"channel": "flat", "k": 20, "user_id": "u3", "exclude_seen": True}).json()
     assert again["ids"] == body["ids"][1:] + exact_top(stack["items"], user_vectors()[3], 21)[20:].tolist()
+
+
+def test_precomputed_user_results_answer_like_a_search(stack):
+    """User vectors held in memory: a channel without a tower searches every user once after loading and answers
+    searches by user from those results (exclude and exclude_seen applied), exactly as a live search would."""
+    port = free_port()
+    env = {**stack["env"], "VECTOR_USER_CACHE_MB": "64"}
+    server = ServerProcess(["services.vector_server", "serve", "--port", str(port)], env, port,
+                           stack["tmp"] / "server-precompute.log").start()
+    try:
+        body = wait_versions(server.url, {n: stack["versions"][n] for n in ("tw", "flat", "via")})
+        deadline = time.monotonic() + 30
+        while body["precomputing"] or "flat" not in body["channels"] or "via" not in body["channels"]:
+            assert time.monotonic() < deadline, body
+            time.sleep(0.1)
+            body = httpx.get(server.url + "/healthz").json()
+        assert body["channels"]["flat"]["precomputed_results"] == {"users": N_USERS, "k": 100}
+        assert body["channels"]["tw"]["precomputed_results"] is None  # a tower: the query changes with clicks
+        items = stack["items"]
+        for u in (3, 4, 11):
+            want = exact_top(items, user_vectors()[u], 100)
+            got = post(server.url, {"channel": "flat", "k": 20, "user_id": f"u{u}"}).json()
+            assert got["source"] == "precomputed" and got["ids"] == want[:20].tolist()
+            excl = [ITEM_IDS[i] for i in want[:7:2]]
+            got = post(server.url, {"channel": "via", "k": 20, "user_id": f"u{u}", "exclude": excl}).json()
+            assert got["ids"] == [i for i in want if ITEM_IDS[i] not in excl][:20]
+        # more than the stored 100 survive no exclusion: answered by a live search, same result
+        got = post(server.url, {"channel": "flat", "k": 150, "user_id": "u3"}).json()
+        assert got["ids"] == exact_top(items, user_vectors()[3], 150).tolist()
+        excl = [ITEM_IDS[i] for i in exact_top(items, user_vectors()[5], 95)]
+        got = post(server.url, {"channel": "flat", "k": 10, "user_id": "u5", "exclude": excl}).json()
+        assert got["ids"] == exact_top(items, user_vectors()[5], 105)[95:].tolist()
+        # real-time clicks with exclude_seen
+        push_event(stack["stores"], "u6", ITEM_IDS[int(exact_top(items, user_vectors()[6], 1)[0])], 3100)
+        got = post(server.url, {"channel": "flat", "k": 5, "user_id": "u6", "exclude_seen": True}).json()
+        assert got["ids"] == exact_top(items, user_vectors()[6], 6)[1:].tolist()
+        r = post(server.url, {"channel": "flat", "k": 5, "user_id": "ghost"})
+        assert r.status_code == 404
+    finally:
+        server.stop()
 
 
 def test_unknown_user_in_channel_without_tower_is_404(stack):
@@ -515,3 +556,35 @@ def test_redis_down_user_search_503_vector_search_still_answers(start_server, tm
     h = httpx.get(server.url + "/healthz")
     assert h.status_code == 503 and "Redis" in h.json()["detail"]
     assert h.json()["channels"]["tw"]["version"] == v  # still serving from memory
+
+
+@pytest.mark.parametrize("index", [{"type": "flat"}, {"type": "hnsw"}, {"type": "ivf", "nlist": 8, "nprobe": 8}])
+def test_bundle_precomputed_search_matches_live_search(index):
+    """In process: `Bundle.precompute` then `precomputed_search` gives what `search` gives on the user's vector,
+    and declines (None) when exclusions leave fewer than k of the stored results, or when nothing was stored."""
+    from common.channel_config import IndexParams
+    from services.vector_server.index import Bundle, build_index
+
+    items, users = clustered_items(), user_vectors()
+    params = IndexParams(**index, precompute_k=40)
+    faiss_index, keep, desc = build_index(items, params)
+    bundle = Bundle(channel="c", publisher="c", version="v1", dim=D, n_items=N_ITEMS, n_indexed=N_ITEMS,
+                    index_type=params.type, index_desc=desc, index=faiss_index, row_to_item=None, normalize=False,
+                    nprobe=params.nprobe, keep=keep, user_vectors=users, user_present=np.ones(N_USERS, bool),
+                    user_map=IdMap(USER_IDS))
+    assert bundle.precomputed_search("u1", 5) is None  # not computed yet: callers search live
+    assert bundle.precompute(params, max_bytes=N_USERS * 40 * 8 - 1) is False  # does not fit
+    assert bundle.precompute(params, max_bytes=2**20) is True
+    assert bundle.user_top[0].shape == (N_USERS, 40)
+    for u in range(N_USERS):
+        want_ids, want_scores = bundle.search(users[u], 40)
+        for k, excl in [(10, None), (25, want_ids[:10:3]), (30, want_ids[5:15])]:
+            got = bundle.precomputed_search(f"u{u}", k, None if excl is None else np.sort(excl))
+            live = bundle.search(users[u], k, None if excl is None else np.sort(excl))
+            assert got is not None
+            np.testing.assert_array_equal(got[0], live[0])
+            np.testing.assert_allclose(got[1], live[1], rtol=1e-5)
+        assert bundle.precomputed_search(f"u{u}", 35, np.sort(want_ids[:10])) is None  # 30 left < 35
+    assert bundle.precomputed_search("ghost", 5) is None
+    off = IndexParams(**index, precompute_k=0)
+    assert Bundle(**{**bundle.__dict__, "user_top": None}).precompute(off, 2**20) is False

@@ -390,6 +390,8 @@ class RecallService:
         channels = {name: ("ok" if not v.unavailable else v.unavailable) for name, v in snap.views.items()}
         warming = [name for name, task in (("lists", self._warm_task), ("neighbours", self.state.warm_task))
                    if task is not None and not task.done()]
+        if self.settings.vector_mode == "embedded" and self.vector_client is not None:
+            warming += [f"vector_results:{n}" for n in self.vector_client.service.precomputing()]
         body = {"status": "ok", "redis": "ok", "pid": os.getpid(), "vector_mode": self.settings.vector_mode,
                 "versions": snap.versions,
                 "channels": channels, "warming": warming,  # background cache fills of this worker still running

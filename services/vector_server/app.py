@@ -203,6 +203,7 @@ class VectorService:
         self.load_error: dict[str, str] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._bg: list[asyncio.Task] = []
+        self._precomputing: dict[str, asyncio.Task] = {}  # channel → its per-user results being computed
         publishers = sorted({s.publisher for s in self.specs.values()})
         self.watcher = VersionWatcher(self.astores, [*publishers, FEATURES_CHANNEL], self.poll_s, self._on_change)
 
@@ -243,6 +244,17 @@ class VectorService:
                 await asyncio.sleep(delay)
                 continue
             self._swap(name, bundle)
+            self._precomputing[name] = asyncio.create_task(self._precompute(name, bundle))
+
+    async def _precompute(self, name: str, bundle: Bundle) -> None:
+        """Per-user search results of a bundle that now serves (live searches answer until they are ready)."""
+        try:
+            await asyncio.to_thread(bundle.precompute, self.specs[name].index, self.settings.vector_precompute_mb * 2**20)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # searches stay live
+            log.error("channel %s version %s: precomputing user results failed: %s: %s", name, bundle.version,
+                      type(exc).__name__, exc)
 
     def _swap(self, name: str, bundle: Bundle) -> None:
         old = self.bundles.get(name)
@@ -297,7 +309,7 @@ class VectorService:
 
     async def stop(self) -> None:
         """Cancel the background tasks and close Redis; bounded, so shutdown never hangs on a stuck command."""
-        tasks = [*self._bg, *self._tasks.values()]
+        tasks = [*self._bg, *self._tasks.values(), *self._precomputing.values()]
         for t in tasks:
             t.cancel()
         # a redis-py command cancelled mid-flight can take long to unwind: wait a little, never forever
@@ -440,7 +452,8 @@ class VectorService:
             if id(maps) not in excluded:
                 excluded[id(maps)] = sorted_ids(maps.item_indices(excl)) if excl else None
             exclude = excluded[id(maps)]
-            ids, scores = b.search(vec, req.channels[name], exclude)
+            found = b.precomputed_search(req.user_id, req.channels[name], exclude) if source == "precomputed" else None
+            ids, scores = found if found is not None else b.search(vec, req.channels[name], exclude)
             res: dict[str, Any] = {"status": 200, "version": b.version, "source": source, "ids": ids, "scores": scores}
             if req.item_ids:
                 res["item_ids"] = maps.external_items(ids)
@@ -473,12 +486,17 @@ class VectorService:
         return {"channel": req.channel, "version": b.version, "source": "vector", "ids": ids,
                 "item_ids": maps.external_items(ids), "scores": scores}, "vector"
 
+    def precomputing(self) -> list[str]:
+        """Channels whose per-user search results are still being computed (their searches run live meanwhile)."""
+        return sorted(n for n, t in self._precomputing.items() if not t.done())
+
     async def health(self) -> tuple[int, dict[str, Any]]:
         channels = {n: b.describe() for n, b in self.bundles.items()}
         not_loaded = {n: self.load_error.get(n) or ("loading " + str(self.target[n]) if self.target.get(n)
                                                      else "no published version") for n in self.specs
                       if n not in self.bundles}
         body: dict[str, Any] = {"status": "ok", "channels": channels, "not_loaded": not_loaded,
+                                "precomputing": self.precomputing(),
                                 "features_version": self.watcher.versions.get(FEATURES_CHANNEL)}
         try:
             await self.astores("meta").ping()

@@ -139,6 +139,9 @@ class Bundle:
     user_vectors: np.ndarray | None = None  # precomputed user vectors held in memory (rows: user index), or None
     user_present: np.ndarray | None = None  # bool per row: the version has a vector for that user
     user_map: IdMap | None = None  # the user id map the rows follow
+    # each user's search results, computed after the swap (`precompute`): ([rows of user_vectors, K] int32 item
+    # indices, [rows, K] float32 scores); set once, in one assignment
+    user_top: tuple[np.ndarray, np.ndarray] | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
     load_s: float = 0.0
     loaded_at: float = field(default_factory=time.time)
@@ -194,6 +197,36 @@ class Bundle:
             return True, self.user_vectors[i]
         return True, None
 
+    def precomputed_search(self, user_id: str, k: int, exclude: np.ndarray | None = None
+                           ) -> tuple[np.ndarray, np.ndarray] | None:
+        """`search` of the user's precomputed vector answered from the results computed at load time; None when
+        there are none for this user or too few of them survive `exclude` (the caller then searches)."""
+        top = self.user_top
+        if top is None:
+            return None
+        i = self.user_map.get(user_id)
+        if not (0 <= i < len(top[0])) or not self.user_present[i]:
+            return None
+        ids, scores = kernels.filter_kernel(top[0][i].astype(np.int64), top[1][i],
+                                            EMPTY_IDS if exclude is None else sorted_ids(exclude),
+                                            np.iinfo(np.int64).max, k)
+        if len(ids) < k and top[0].shape[1] < self.n_indexed:
+            return None  # the stored list was cut at K: a search may find more
+        return ids, scores
+
+    def precompute(self, params: IndexParams, max_bytes: int) -> bool:
+        """Search every user's precomputed vector once (channels without a user tower, whose query per user is
+        fixed for the version) and keep the results for `precomputed_search`; False when not applicable or too
+        big for `max_bytes`. Blocking: run it in a thread after the bundle serves."""
+        if self.user_vectors is None or self.tower is not None or not params.precompute_k or not self.n_indexed:
+            return False
+        top = precompute_user_results(self.index, self.row_to_item, params, self.user_vectors, self.user_present,
+                                      self.normalize, max_bytes, f"channel {self.channel} version {self.version}")
+        if top is None:
+            return False
+        self.user_top = top
+        return True
+
     def tower_vector(self, user_idx: int, attrs: dict[str, Any] | None, recent_idx: list[int]) -> np.ndarray:
         """User vector from the TorchScript tower for one user (contract: common/tower_inputs.py)."""
         u, a, r = encode_user_inputs(self.tower_meta, user_idx, attrs, recent_idx)
@@ -207,7 +240,9 @@ class Bundle:
         return {"version": self.version, "n_items": self.n_items, "n_indexed": self.n_indexed, "dim": self.dim,
                 "index": self.index_type, "index_params": self.index_desc, "tower": self.tower is not None,
                 "tower_runtime": ("numpy" if self.tower_fn is not None else "torchscript") if self.tower is not None else None,
-                "tower_error": self.tower_error, "publisher": self.publisher, "load_s": round(self.load_s, 3),
+                "tower_error": self.tower_error,
+                "precomputed_results": None if self.user_top is None else {"users": int(self.user_present.sum()),
+                                                                          "k": int(self.user_top[0].shape[1])}, "publisher": self.publisher, "load_s": round(self.load_s, 3),
                 "loaded_at": self.loaded_at}
 
 
@@ -290,7 +325,7 @@ def load_bundle(stores: RedisStores, spec: ChannelSpec, version: str, maps: IdMa
     """Read a published u2i version from Redis and build its index and tower (blocking; run in a thread).
 
     Its precomputed user vectors are loaded too when they fit in `user_cache_bytes`, so a search by user needs
-    no Redis read; otherwise they are read per request."""
+    no Redis read; otherwise they are read per request (see also `Bundle.precompute`)."""
     t0 = time.perf_counter()
     publisher = spec.publisher
     manifest = read_manifest(stores, publisher, version)
@@ -345,6 +380,39 @@ def load_bundle(stores: RedisStores, spec: ChannelSpec, version: str, maps: IdMa
                   tower_error=tower_error, maps=private_maps, manifest=manifest, user_vectors=user_vectors,
                   user_present=user_present, user_map=user_map,
                   load_s=time.perf_counter() - t0, keep=keep)
+
+
+def precompute_user_results(index: faiss.Index, rows: np.ndarray | None, params: IndexParams, user_vectors: np.ndarray,
+                            present: np.ndarray, normalize: bool, max_bytes: int, what: str,
+                            batch: int = 4096) -> tuple[np.ndarray, np.ndarray] | None:
+    """Every present user's top-K items (K = params.precompute_k, capped at the index size) as int32 item indices
+    and float32 scores, rows of absent users left at -1; None when [users, K] does not fit `max_bytes`."""
+    k = min(params.precompute_k, int(index.ntotal))
+    n = len(user_vectors)
+    if k <= 0 or n * k * 8 > max_bytes:
+        log.info("%s: per-user results not precomputed (%d users × %d × 8 bytes > VECTOR_PRECOMPUTE_MB)", what, n, k)
+        return None
+    t0 = time.perf_counter()
+    top_ids = np.full((n, k), -1, np.int32)
+    top_scores = np.zeros((n, k), np.float32)
+    search_params = None
+    if params.type == "hnsw":
+        search_params = faiss.SearchParametersHNSW(efSearch=search_ef(params.ef_search, params.ef_factor, k))
+    elif params.type == "ivf":
+        search_params = faiss.SearchParametersIVF(nprobe=min(params.nprobe, getattr(index, "nlist", params.nprobe)))
+    users = np.flatnonzero(present)
+    for start in range(0, len(users), batch):
+        part = users[start:start + batch]
+        q = np.ascontiguousarray(user_vectors[part], dtype=np.float32)
+        if normalize:
+            q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        scores, found = index.search(q, k, params=search_params)
+        if rows is not None:
+            found = np.where(found >= 0, rows[np.maximum(found, 0)], -1)
+        top_ids[part], top_scores[part] = found, scores
+    log.info("%s: top %d items of %d users precomputed in %.1fs (%.0f MB)", what, k, len(users),
+             time.perf_counter() - t0, (top_ids.nbytes + top_scores.nbytes) / 2**20)
+    return top_ids, top_scores
 
 
 def unpack_user_vector(value: bytes | None, dim: int) -> np.ndarray | None:

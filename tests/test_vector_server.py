@@ -574,6 +574,9 @@ def test_bundle_precomputed_search_matches_live_search(index):
                     user_map=IdMap(USER_IDS))
     assert bundle.precomputed_search("u1", 5) is None  # not computed yet: callers search live
     assert bundle.precompute(params, max_bytes=N_USERS * 40 * 8 - 1) is False  # does not fit
+    stop = threading.Event()
+    stop.set()  # the server is shutting down: give up before the first batch
+    assert bundle.precompute(params, max_bytes=2**20, stop=stop) is False and bundle.user_top is None
     assert bundle.precompute(params, max_bytes=2**20) is True
     assert bundle.user_top[0].shape == (N_USERS, 40)
     for u in range(N_USERS):

@@ -9,6 +9,7 @@ import asyncio
 import gc
 import logging
 import os
+import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -204,6 +205,7 @@ class VectorService:
         self._tasks: dict[str, asyncio.Task] = {}
         self._bg: list[asyncio.Task] = []
         self._precomputing: dict[str, asyncio.Task] = {}  # channel → its per-user results being computed
+        self._stopping = threading.Event()  # tells precompute threads to give up (shutdown)
         publishers = sorted({s.publisher for s in self.specs.values()})
         self.watcher = VersionWatcher(self.astores, [*publishers, FEATURES_CHANNEL], self.poll_s, self._on_change)
 
@@ -249,7 +251,8 @@ class VectorService:
     async def _precompute(self, name: str, bundle: Bundle) -> None:
         """Per-user search results of a bundle that now serves (live searches answer until they are ready)."""
         try:
-            await asyncio.to_thread(bundle.precompute, self.specs[name].index, self.settings.vector_precompute_mb * 2**20)
+            await asyncio.to_thread(bundle.precompute, self.specs[name].index, self.settings.vector_precompute_mb * 2**20,
+                                    self._stopping)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # searches stay live
@@ -309,6 +312,7 @@ class VectorService:
 
     async def stop(self) -> None:
         """Cancel the background tasks and close Redis; bounded, so shutdown never hangs on a stuck command."""
+        self._stopping.set()
         tasks = [*self._bg, *self._tasks.values(), *self._precomputing.values()]
         for t in tasks:
             t.cancel()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,14 +215,15 @@ class Bundle:
             return None  # the stored list was cut at K: a search may find more
         return ids, scores
 
-    def precompute(self, params: IndexParams, max_bytes: int) -> bool:
+    def precompute(self, params: IndexParams, max_bytes: int, stop: threading.Event | None = None) -> bool:
         """Search every user's precomputed vector once (channels without a user tower, whose query per user is
-        fixed for the version) and keep the results for `precomputed_search`; False when not applicable or too
-        big for `max_bytes`. Blocking: run it in a thread after the bundle serves."""
+        fixed for the version) and keep the results for `precomputed_search`; False when not applicable, too
+        big for `max_bytes`, or `stop` was set. Blocking: run it in a thread after the bundle serves."""
         if self.user_vectors is None or self.tower is not None or not params.precompute_k or not self.n_indexed:
             return False
         top = precompute_user_results(self.index, self.row_to_item, params, self.user_vectors, self.user_present,
-                                      self.normalize, max_bytes, f"channel {self.channel} version {self.version}")
+                                      self.normalize, max_bytes, f"channel {self.channel} version {self.version}",
+                                      stop=stop)
         if top is None:
             return False
         self.user_top = top
@@ -384,9 +386,11 @@ def load_bundle(stores: RedisStores, spec: ChannelSpec, version: str, maps: IdMa
 
 def precompute_user_results(index: faiss.Index, rows: np.ndarray | None, params: IndexParams, user_vectors: np.ndarray,
                             present: np.ndarray, normalize: bool, max_bytes: int, what: str,
-                            batch: int = 4096) -> tuple[np.ndarray, np.ndarray] | None:
+                            batch: int = 2048, stop: threading.Event | None = None
+                            ) -> tuple[np.ndarray, np.ndarray] | None:
     """Every present user's top-K items (K = params.precompute_k, capped at the index size) as int32 item indices
-    and float32 scores, rows of absent users left at -1; None when [users, K] does not fit `max_bytes`."""
+    and float32 scores, rows of absent users left at -1; None when [users, K] does not fit `max_bytes` or when
+    `stop` is set between two batches (a server shutting down does not wait for the rest)."""
     k = min(params.precompute_k, int(index.ntotal))
     n = len(user_vectors)
     if k <= 0 or n * k * 8 > max_bytes:
@@ -402,6 +406,8 @@ def precompute_user_results(index: faiss.Index, rows: np.ndarray | None, params:
         search_params = faiss.SearchParametersIVF(nprobe=min(params.nprobe, getattr(index, "nlist", params.nprobe)))
     users = np.flatnonzero(present)
     for start in range(0, len(users), batch):
+        if stop is not None and stop.is_set():
+            return None
         part = users[start:start + batch]
         q = np.ascontiguousarray(user_vectors[part], dtype=np.float32)
         if normalize:

@@ -242,10 +242,12 @@ class Bundle:
         return {"version": self.version, "n_items": self.n_items, "n_indexed": self.n_indexed, "dim": self.dim,
                 "index": self.index_type, "index_params": self.index_desc, "tower": self.tower is not None,
                 "tower_runtime": ("numpy" if self.tower_fn is not None else "torchscript") if self.tower is not None else None,
-                "tower_error": self.tower_error,
-                "precomputed_results": None if self.user_top is None else {"users": int(self.user_present.sum()),
-                                                                          "k": int(self.user_top[0].shape[1])}, "publisher": self.publisher, "load_s": round(self.load_s, 3),
-                "loaded_at": self.loaded_at}
+                "tower_error": self.tower_error, "precomputed_results": self._precomputed_info(),
+                "publisher": self.publisher, "load_s": round(self.load_s, 3), "loaded_at": self.loaded_at}
+
+    def _precomputed_info(self) -> dict[str, int] | None:
+        top = self.user_top
+        return None if top is None else {"users": int(self.user_present.sum()), "k": int(top[0].shape[1])}
 
 
 def read_item_vectors(stores: RedisStores, publisher: str, version: str, n_items: int,

@@ -591,3 +591,19 @@ def test_bundle_precomputed_search_matches_live_search(index):
     assert bundle.precomputed_search("ghost", 5) is None
     off = IndexParams(**index, precompute_k=0)
     assert Bundle(**{**bundle.__dict__, "user_top": None}).precompute(off, 2**20) is False
+
+
+def test_search_user_body_in_several_chunks(stack):
+    """POST /search/user is served by an ASGI fast path that reads the body itself: a chunked body arrives in
+    several messages and must be joined."""
+    body = orjson.dumps({"user_id": "u3", "channels": {"flat": 5}, "item_ids": False})
+
+    def chunks():
+        for i in range(0, len(body), 7):
+            yield body[i:i + 7]
+
+    r = httpx.post(stack["url"] + "/search/user", content=chunks(), timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.json()["results"]["flat"]["ids"] == exact_top(stack["items"], user_vectors()[3], 5).tolist()
+    r = httpx.post(stack["url"] + "/search/user", content=(p for p in (b'{"user_id": ', b'"u3"}')), timeout=10)
+    assert r.status_code == 422 and "'channels'" in r.json()["detail"]

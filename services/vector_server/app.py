@@ -589,25 +589,32 @@ def create_app(settings: Settings | None = None, poll_s: float | None = None) ->
     async def search_user(request: Request) -> Response:
         """Top-k of several channels for one user in one call (what the recall server uses); per-channel
         failures are reported inside `results` with their status, the request itself answers 200."""
+        status, body = await answer_user(await request.body())
+        return Response(body, status_code=status, media_type="application/json")
+
+    async def answer_user(raw: bytes) -> tuple[int, bytes]:
+        """POST /search/user as (status, JSON body), every outcome included: it never raises."""
         t0 = time.perf_counter()
         try:
-            req = parse_user_search(await request.body(), settings.max_k)
+            req = parse_user_search(raw, settings.max_k)
             results = await svc.user_searches(req)
         except HTTPError as exc:
             metrics.errors.labels("_multi", str(exc.status)).inc()
-            return json_response({"detail": exc.detail}, exc.status)
+            return exc.status, orjson.dumps({"detail": exc.detail})
         except Exception as exc:
             log.exception("search/user failed")
             metrics.errors.labels("_multi", "500").inc()
-            return json_response({"detail": f"internal error: {type(exc).__name__}: {exc}"}, 500)
-        resp = json_response({"user_id": req.user_id, "results": results})
+            return 500, orjson.dumps({"detail": f"internal error: {type(exc).__name__}: {exc}"})
+        body = orjson.dumps({"user_id": req.user_id, "results": results}, option=orjson.OPT_SERIALIZE_NUMPY)
         dt = time.perf_counter() - t0
         for name, res in results.items():
             if res["status"] == 200:
                 metrics.search_seconds.labels(svc.alias.get(name, name), res["source"]).observe(dt)
             else:
                 metrics.errors.labels(svc.alias.get(name, name), str(res["status"])).inc()
-        return resp
+        return 200, body
+
+    app.state.answer_user = answer_user
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -622,7 +629,35 @@ def create_app(settings: Settings | None = None, poll_s: float | None = None) ->
     return app
 
 
-def app_from_env() -> FastAPI:
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class UserSearchFastPath:
+    """ASGI front of the app: `POST /search/user` (the recall server's call, once per /recall) goes straight to its
+    handler; everything else (lifespan, /search, /healthz, /metrics, /docs) to the FastAPI app, whose
+    /search/user route answers the same way. Skips FastAPI's middleware stack, routing and request object."""
+
+    def __init__(self, app: FastAPI):
+        self.app, self.answer = app, app.state.answer_user
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/search/user" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        status, body = await self.answer(b"".join(chunks))
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def app_from_env() -> UserSearchFastPath:
     """uvicorn factory (`--workers N` imports the app by name in each worker)."""
     logging.basicConfig(level=get_settings().log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    return create_app(get_settings())
+    return UserSearchFastPath(create_app(get_settings()))

@@ -729,8 +729,16 @@ k=200 at efSearch 256, numpy merge, orjson; no config, versions, metrics or faul
 per request) — PERFORMANCE_NOTES quotes ≈ 1,350 rps for it on the machine it was first measured on, and the
 saturation target (950 rps) is 70 % of that. The best mode above reaches {best / max(p['rps'], 1e-9):.0%} of the
 prototype's throughput in this run with {len(r['channels'])} channels, using {cpu / max(p['cpu_ms_per_request'], 1e-9):.2f}× its CPU per
-request (CPU time is the steadier comparison: the machine's speed changes from one minute to the next).{_prototype_rate(p, cpu)}
+request (CPU time is the steadier comparison: the machine's speed changes from one minute to the next){_remote_ratio(r, p)}.{_prototype_rate(p, cpu)}
 """
+
+
+def _remote_ratio(r: dict, p: dict) -> str:
+    if not r.get("embedded"):
+        return ""
+    cpu = sum(r["cpu_ms_per_request"].values())
+    return (f"; the default remote mode reaches {r['saturation']['rps'] / max(p['rps'], 1e-9):.0%} of it with "
+            f"{cpu / max(p['cpu_ms_per_request'], 1e-9):.2f}× its CPU per request (the HTTP hop to the vector server)")
 
 
 def _nice(f: dict) -> str:

@@ -594,7 +594,7 @@ def test_bundle_precomputed_search_matches_live_search(index):
 
 
 def test_search_user_body_in_several_chunks(stack):
-    """POST /search/user is served by an ASGI fast path that reads the body itself: a chunked body arrives in
+    """POST /search/user is served by an ASGI fast path (common/fast_path.py) that reads the body itself: a chunked body arrives in
     several messages and must be joined."""
     body = orjson.dumps({"user_id": "u3", "channels": {"flat": 5}, "item_ids": False})
 

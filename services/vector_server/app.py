@@ -33,6 +33,7 @@ from prometheus_client import (
 
 from common import kernels
 from common.channel_config import ChannelSpec, load_config
+from common.fast_path import FastPath
 from common.features import UserState, fetch_user_states
 from common.keyspace import FEATURES_CHANNEL, Keyspace
 from common.redis_conn import AsyncRedisStores, RedisStores
@@ -629,35 +630,8 @@ def create_app(settings: Settings | None = None, poll_s: float | None = None) ->
     return app
 
 
-_JSON_HEADERS = [(b"content-type", b"application/json")]
-
-
-class UserSearchFastPath:
-    """ASGI front of the app: `POST /search/user` (the recall server's call, once per /recall) goes straight to its
-    handler; everything else (lifespan, /search, /healthz, /metrics, /docs) to the FastAPI app, whose
-    /search/user route answers the same way. Skips FastAPI's middleware stack, routing and request object."""
-
-    def __init__(self, app: FastAPI):
-        self.app, self.answer = app, app.state.answer_user
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/search/user" or scope["method"] != "POST":
-            return await self.app(scope, receive, send)
-        chunks = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        status, body = await self.answer(b"".join(chunks))
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-
-def app_from_env() -> UserSearchFastPath:
+def app_from_env() -> FastPath:
     """uvicorn factory (`--workers N` imports the app by name in each worker)."""
     logging.basicConfig(level=get_settings().log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    return UserSearchFastPath(create_app(get_settings()))
+    app = create_app(get_settings())  # POST /search/user past FastAPI's routing (common/fast_path.py)
+    return FastPath(app, "POST", "/search/user", app.state.answer_user)

@@ -12,7 +12,8 @@ import scipy.sparse as sp
 from pydantic import ValidationError
 
 from common.channel_config import ChannelSpec, ServeParams
-from trainer.channels.itemcf import ItemCF, sparse_top_k
+from trainer.channels.itemcf import ItemCF
+from trainer.channels.neighbors import sparse_top_k
 from trainer.data.split import leave_last_out
 from trainer.data.train_data import TrainData
 
@@ -257,13 +258,14 @@ def test_reference_settings_reproduce_protocol_itemcf_on_ml100k():
 
 def test_sparse_accumulator_and_small_chunks_give_identical_results(monkeypatch):
     import trainer.channels.itemcf as mod
+    import trainer.channels.neighbors as nbmod
 
     df = random_log(seed=2)
     params = dict(position_decay=0.9, backward_weight=0.6, time_decay_s=4000.0, k=10)
     want, data = fit(df, **params)
     monkeypatch.setattr(mod, "DENSE_MAX_ITEMS", 0)  # the large-catalog sparse accumulator
     monkeypatch.setattr(mod, "PAIR_BUFFER", 7)  # many flushes
-    monkeypatch.setattr(mod, "TOPK_NNZ_BUDGET", 5)  # many top-k chunks
+    monkeypatch.setattr(nbmod, "TOPK_NNZ_BUDGET", 5)  # many top-k chunks
     got, _ = fit(df, **params)
     a, b = want.artifacts(data)["i2i"], got.artifacts(data)["i2i"]
     np.testing.assert_array_equal(a.neighbors, b.neighbors)

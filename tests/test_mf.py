@@ -10,7 +10,8 @@ from pydantic import ValidationError
 from common.channel_config import ChannelSpec
 from tests.conftest import SHARED_DATA
 from trainer.channels.base import NeighborArtifact, VectorArtifact
-from trainer.channels.mf import MF, cosine_neighbors, recency_weights
+from trainer.channels.mf import MF, recency_weights
+from trainer.channels.neighbors import cosine_neighbors
 from trainer.channels.registry import models
 from trainer.data.train_data import TrainData
 

@@ -22,6 +22,26 @@ class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class RenamedParamError(ValueError):
+    """A channel's params use a name that was renamed (one vocabulary across models)."""
+
+
+# One vocabulary across models: an old name → its new name. A model lists the ones that applied to it in
+# `Channel.renamed`; using an old name fails at config load with a message naming the new one.
+VOCABULARY = {
+    "dim": "dimension of the published vectors",
+    "reg": "L2 penalty in the objective (torch optimisers' decoupled term stays `weight_decay`)",
+    "epochs": "passes over the training data (ALS sweeps included)",
+    "lr": "learning rate",
+    "batch_size": "examples per optimisation step",
+    "top_k": "entries kept per row of a published neighbour list (or list)",
+    "negatives": "the negative sampling scheme (a name)",
+    "num_negatives": "how many negatives per positive (or per batch, for shared schemes)",
+    "negatives_power": "negatives drawn ∝ count^negatives_power",
+    "num_threads": "torch/OpenMP threads while fitting",
+}
+
+
 @dataclass
 class NeighborArtifact:
     """Top-K neighbour lists: row r = entity r (item for i2i, user for u2u); -1 pads short rows."""
@@ -32,14 +52,21 @@ class NeighborArtifact:
 
 @dataclass
 class VectorArtifact:
-    """Item and user embeddings; score = <user, item>. `user_tower` is an optional TorchScript file
-    computing the user vector from features at request time (see the vector server)."""
+    """Item and user embeddings; score = <user, item>. A user may have K interest vectors ([n_users, K, d]):
+    each live one is searched and the results merged by max score. `user_tower` is an optional serialised
+    tower computing the user vector(s) from request-time inputs (common/towers; see the vector server)."""
 
     item_vectors: np.ndarray  # float32 [n_items, d]
-    user_vectors: np.ndarray  # float32 [n_users, d]
+    user_vectors: np.ndarray  # float32 [n_users, d] or [n_users, K, d]
     metric: str = "ip"
     user_tower: bytes | None = None
     user_tower_meta: dict[str, Any] = field(default_factory=dict)
+    interest_counts: np.ndarray | None = None  # int [n_users]: live interests per user (3-D user_vectors)
+
+    @property
+    def n_interests(self) -> int:
+        """K: interest vectors per user (1 for a 2-D user_vectors)."""
+        return 1 if self.user_vectors.ndim == 2 else int(self.user_vectors.shape[1])
 
 
 @dataclass
@@ -58,12 +85,22 @@ class Channel(ABC):
     model: ClassVar[str]
     kinds: ClassVar[tuple[str, ...]]  # artifact kinds this model emits
     Params: ClassVar[type[BaseModel]] = NoParams
+    renamed: ClassVar[dict[str, str]] = {}  # old param name → new name (see VOCABULARY)
 
     def __init__(self, spec: ChannelSpec, seed: int = 42):
         self.spec = spec
+        self.check_renamed(spec.params)
         self.params = self.Params(**spec.params)
         self.seed = seed
         self._artifacts: Artifacts | None = None
+
+    @classmethod
+    def check_renamed(cls, params: dict[str, Any]) -> None:
+        """Raise RenamedParamError naming the new name when `params` use an old one."""
+        for old in params:
+            if old in cls.renamed:
+                raise RenamedParamError(f"params.{old}: renamed to {cls.renamed[old]!r} "
+                                        f"(model {cls.model!r}; one vocabulary across models, docs/channels.md)")
 
     @abstractmethod
     def fit(self, data: TrainData, progress: bool = False) -> None:
@@ -109,23 +146,3 @@ def recommend_from_artifact(art: Any, kind: str, data: TrainData, users: np.ndar
         else:
             raise ValueError(f"unknown artifact kind {kind!r}")
     return out
-
-
-def top_k_rows(scores: np.ndarray, k: int, exclude_self: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Row-wise top-k of a dense score matrix (ties by ascending column); -1/-inf pad if k > n."""
-    n_rows, n_cols = scores.shape
-    scores = scores.astype(np.float32, copy=True)
-    if exclude_self and n_rows == n_cols:
-        np.fill_diagonal(scores, -np.inf)
-    kk = min(k, n_cols)
-    idx = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
-    part = np.take_along_axis(scores, idx, axis=1)
-    order = np.lexsort((idx, -part), axis=1)
-    idx = np.take_along_axis(idx, order, axis=1).astype(np.int32)
-    sc = np.take_along_axis(part, order, axis=1)
-    bad = ~np.isfinite(sc)
-    idx[bad], sc[bad] = -1, 0.0
-    if kk < k:
-        idx = np.pad(idx, ((0, 0), (0, k - kk)), constant_values=-1)
-        sc = np.pad(sc, ((0, 0), (0, k - kk)))
-    return idx, sc

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from trainer.channels.base import Artifacts, Channel, VectorArtifact
-from trainer.channels.mf import cosine_neighbors
+from trainer.channels.neighbors import cosine_neighbors
 from trainer.data.train_data import TrainData
 
 log = logging.getLogger(__name__)

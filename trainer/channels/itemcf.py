@@ -13,72 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from trainer.channels.base import Artifacts, Channel, NeighborArtifact
+from trainer.channels.neighbors import capped_histories, sparse_top_k
 from trainer.data.train_data import TrainData
 
 # Entries buffered before they are summed into the co-occurrence matrix (bounds memory of the pair loop).
 PAIR_BUFFER = 1 << 23
 # Catalogs up to this size accumulate pair weights in a dense n×n float64 array (≤ 128 MB).
 DENSE_MAX_ITEMS = 4096
-# Rows handled per step of the sparse top-k, by non-zeros.
-TOPK_NNZ_BUDGET = 1 << 23
-
-
-def sparse_top_k(mat: sp.csr_matrix, k: int, self_offset: int | None = 0, progress: bool = False,
-                 desc: str = "top-k") -> tuple[np.ndarray, np.ndarray]:
-    """Row-wise top-k of a sparse score matrix: (int32 ids, float32 scores) [n_rows, k], -1/0 padded.
-
-    Scores are compared as float32, ties broken by ascending column. Row r's own column
-    `r + self_offset` is dropped (None keeps it); only positive scores are kept.
-    """
-    mat = sp.csr_matrix(mat)
-    mat.sort_indices()
-    n_rows = mat.shape[0]
-    ids = np.full((n_rows, k), -1, np.int32)
-    scores = np.zeros((n_rows, k), np.float32)
-    indptr = mat.indptr
-    # row chunks with a bounded number of non-zeros each
-    bounds = [0]
-    while bounds[-1] < n_rows:
-        start = bounds[-1]
-        stop = int(np.searchsorted(indptr, indptr[start] + TOPK_NNZ_BUDGET, side="right")) - 1
-        bounds.append(min(n_rows, max(stop, start + 1)))
-    for start, stop in tqdm(list(zip(bounds[:-1], bounds[1:], strict=True)), desc=desc, disable=not progress,
-                            leave=False):
-        a, b = indptr[start], indptr[stop]
-        rows = np.repeat(np.arange(start, stop, dtype=np.int64), np.diff(indptr[start:stop + 1]))
-        cols = mat.indices[a:b].astype(np.int64)
-        vals = mat.data[a:b].astype(np.float32)
-        keep = vals > 0
-        if self_offset is not None:
-            keep &= cols != rows + self_offset
-        rows, cols, vals = rows[keep], cols[keep], vals[keep]
-        # one uint64 key (row, then descending score: positive float32 bits are monotonic); the stable sort
-        # keeps csr's ascending column order among ties, ~7x faster than a 3-key lexsort
-        key = ((rows - start).astype(np.uint64) << np.uint64(32)) | (
-            np.uint64(0xFFFFFFFF) - vals.view(np.uint32).astype(np.uint64))
-        order = np.argsort(key, kind="stable")
-        rows, cols, vals = rows[order], cols[order], vals[order]
-        first = np.searchsorted(rows, rows, side="left")  # index of each row's first entry
-        rank = np.arange(len(rows)) - first
-        top = rank < k
-        ids[rows[top], rank[top]] = cols[top]
-        scores[rows[top], rank[top]] = vals[top]
-    return ids, scores
-
-
-def capped_histories(data: TrainData, max_history: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                                        np.ndarray, np.ndarray]:
-    """Each user's last `max_history` interactions, in time order: (items, ts, user, position, length per user)."""
-    ptr = data.user_ptr
-    lengths = np.diff(ptr)
-    pos = np.arange(len(data.item_idx), dtype=np.int64) - np.repeat(ptr[:-1], lengths)
-    keep_from = np.maximum(lengths - max_history, 0) if max_history is not None else np.zeros_like(lengths)
-    keep = pos >= np.repeat(keep_from, lengths)
-    uid = data.user_idx[keep].astype(np.int64)
-    capped = lengths - keep_from
-    return (data.item_idx[keep].astype(np.int64), data.ts[keep], uid, pos[keep] - keep_from[uid], capped)
-
-
 class ItemCFParams(BaseModel):
     """ItemCF hyper-parameters; the defaults were tuned on the ml-100k validation split."""
 

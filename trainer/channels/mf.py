@@ -10,7 +10,6 @@ import logging
 import time
 from typing import Literal
 
-import faiss
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -18,63 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from trainer.channels.base import Artifacts, Channel, NeighborArtifact, VectorArtifact
+from trainer.channels.base import Artifacts, Channel, VectorArtifact
+from trainer.channels.neighbors import cosine_neighbors
 from trainer.data.train_data import TrainData
 
 log = logging.getLogger(__name__)
 
 # Tuned on the ml-100k validation split (ALS) / the classic FunkSVD setting.
 DEFAULT_REG = {"als": 40.0, "funksvd": 0.05}
-# Query rows per faiss search call (bounds the [rows, k] result buffers and paces the progress bar).
-SEARCH_BATCH = 4096
-# Above this many rows the all-pairs exact search (O(n²·d)) gives way to an HNSW index.
-EXACT_MAX_ROWS = 200_000
-
-
-def cosine_neighbors(vectors: np.ndarray, k: int, valid: np.ndarray | None = None, progress: bool = False,
-                     desc: str = "neighbours", exact_max_rows: int = EXACT_MAX_ROWS) -> NeighborArtifact:
-    """Top-k cosine neighbours of every row among all valid rows, self excluded: exact faiss IndexFlatIP
-    over normalised vectors (HNSW, efSearch ≥ 2(k+1), beyond `exact_max_rows` rows).
-
-    Rows that are invalid or all-zero get no list (all -1); short rows are -1/0 padded.
-    """
-    x = np.array(vectors, dtype=np.float32, order="C", copy=True)
-    n, d = x.shape
-    norms = np.linalg.norm(x, axis=1)
-    ok = norms > 0
-    if valid is not None:
-        ok &= np.asarray(valid, bool)
-    x[ok] /= norms[ok, None]
-    rows = np.flatnonzero(ok)
-    nb = np.full((n, k), -1, np.int32)
-    sc = np.zeros((n, k), np.float32)
-    if len(rows) < 2 or k < 1:
-        return NeighborArtifact(nb, sc)
-    kk = min(k + 1, len(rows))
-    if len(rows) > exact_max_rows:
-        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = 200
-        index.hnsw.efSearch = max(256, 2 * kk)  # faiss does not raise efSearch to k (PERFORMANCE_NOTES.md)
-    else:
-        index = faiss.IndexFlatIP(d)
-    index.add(x[rows])
-    starts = range(0, len(rows), SEARCH_BATCH)
-    for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
-        q = rows[s:s + SEARCH_BATCH]
-        dist, loc = index.search(x[q], kk)
-        ids = np.where(loc >= 0, rows[np.clip(loc, 0, None)], -1)
-        drop = (ids == q[:, None]) | (ids < 0)
-        # stable: kept neighbours first in faiss order, then the dropped slots
-        order = np.argsort(drop, axis=1, kind="stable")[:, :k]
-        ids = np.take_along_axis(ids, order, axis=1)
-        dist = np.take_along_axis(dist, order, axis=1)
-        dropped = np.take_along_axis(drop, order, axis=1)
-        ids[dropped], dist[dropped] = -1, 0.0
-        m = ids.shape[1]
-        nb[q, :m], sc[q, :m] = ids, dist
-    return NeighborArtifact(nb, sc)
-
-
 def recency_weights(data: TrainData, halflife: float) -> np.ndarray:
     """Per interaction: 0.5 ** (position counted back from the user's latest interaction / halflife)."""
     lengths = np.diff(data.user_ptr)

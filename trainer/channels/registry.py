@@ -9,7 +9,7 @@ from functools import lru_cache
 from pydantic import ValidationError
 
 from common.channel_config import ChannelConfig, ConfigError
-from trainer.channels.base import Channel
+from trainer.channels.base import Channel, RenamedParamError
 
 
 @lru_cache(maxsize=1)
@@ -18,7 +18,7 @@ def models() -> dict[str, type[Channel]]:
     import trainer.channels as pkg
 
     for mod in pkgutil.iter_modules(pkg.__path__):
-        if mod.name not in ("base", "registry"):
+        if mod.name not in ("base", "registry", "neighbors", "embedding"):
             importlib.import_module(f"trainer.channels.{mod.name}")
     found: dict[str, type[Channel]] = {}
     stack = list(Channel.__subclasses__())
@@ -43,6 +43,11 @@ def validate_params(cfg: ChannelConfig, source: str = "<config>") -> None:
             raise ConfigError(f"{source}: channel {spec.name!r}, key 'kind': model {owner.model!r} emits {list(cls.kinds)}, "
                               f"not {spec.kind!r}")
         if spec.trained:
+            try:
+                cls.check_renamed(spec.params)
+            except RenamedParamError as exc:
+                raise ConfigError(f"{source}: channel {spec.name!r}, key '{str(exc).split(':')[0]}': "
+                                  f"{str(exc).split(': ', 1)[1]}") from None
             try:
                 cls.Params(**spec.params)
             except ValidationError as exc:

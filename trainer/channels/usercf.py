@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from trainer.channels.base import Artifacts, Channel, NeighborArtifact
-from trainer.channels.itemcf import capped_histories, sparse_top_k
+from trainer.channels.neighbors import capped_histories, sparse_top_k
 from trainer.data.train_data import TrainData
 
 # Upper bound on the entries of one chunk's user × user product (bounds memory).

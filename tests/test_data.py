@@ -1,5 +1,5 @@
 """The data layer: loading both dataset formats, validation errors, dedupe, the PROTOCOL.md split,
-stable id maps (on real Redis) and the TrainData view."""
+stable id maps (on real Redis), event types, item side information and the TrainData view."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from common.ids import IdMap, load_id_map, publish_id_map, sort_ids
 from tests.conftest import SHARED_DATA
 from trainer.data.errors import DataError
+from trainer.data.events import CLICK, EVENT_TYPES, LIKE, PURCHASE, event_codes, parse_events, rating_events
 from trainer.data.io import load_dataset
 from trainer.data.split import dedupe_pairs, leave_last_out, validation_split
 from trainer.data.train_data import TrainData
@@ -313,6 +314,93 @@ def test_train_data_extends_given_maps():
     assert td.item_map.ids == ["12", "10", "11"] and base.ids == ["12", "10"]  # extended copy, input untouched
     items, _ = td.history(0)
     assert [td.item_map.ids[i] for i in items] == ["10", "11", "12"]
+
+
+# ------------------------------------------------------------------------------ event types, side info
+
+def test_event_column_is_normalised_and_not_context(tmp_path):
+    write(tmp_path, "interactions.csv", """user_id,item_id,timestamp,event,environment
+1,10,1,click,app
+1,11,2, Purchase ,app
+1,12,3,,web
+2,10,4,like,app
+2,11,5,buy,app
+2,12,6,VIEW,app
+""")
+    ds = load_dataset(tmp_path)
+    assert list(ds.interactions["event"]) == ["click", "purchase", "click", "like", "purchase", "click"]
+    assert ds.context_columns == ["environment"]
+    td = TrainData.from_frame(ds.interactions)
+    assert [EVENT_TYPES[c] for c in td.event] == ["click", "purchase", "click", "like", "purchase", "click"]
+    assert td.event.dtype == np.int8
+
+
+def test_unknown_event_names_file_column_and_line(tmp_path):
+    p = write(tmp_path, "interactions.csv", "user_id,item_id,timestamp,event\n1,10,1,click\n1,11,2,like\n1,12,3,share\n")
+    with pytest.raises(DataError, match=r"interactions\.csv: column 'event': line 4: unknown event type.*'share'"):
+        load_dataset(tmp_path)
+    p.unlink()
+    pd.DataFrame({"user_id": [1, 1], "item_id": [1, 2], "timestamp": [1, 2], "event": ["click", "refund"]}).to_parquet(
+        tmp_path / "interactions.parquet")
+    with pytest.raises(DataError, match=r"interactions\.parquet: column 'event': row 1: unknown event type"):
+        load_dataset(tmp_path)
+    with pytest.raises(ValueError, match="row 0"):
+        parse_events(pd.Series(["nope"]))
+
+
+def test_rating_rule_maps_four_and_above_to_like(tmp_path):
+    np.testing.assert_array_equal(rating_events(np.array([1, 3, 3.5, 4, 5, np.nan])),
+                                  [CLICK, CLICK, CLICK, LIKE, LIKE, CLICK])
+    write(tmp_path, "interactions.csv", ML_INTERACTIONS)
+    ds = load_dataset(tmp_path)
+    assert "event" not in ds.interactions.columns  # the rule labels TrainData; the loaded rows stay as they are
+    td = TrainData.from_frame(ds.interactions)
+    assert list(td.rating) == [5, 5, 3, 4]  # aligned with the interactions, as the events are
+    np.testing.assert_array_equal(td.event, [LIKE, LIKE, CLICK, LIKE])
+    # an explicit event column wins over the rating; no rating, no event: all click
+    df = ds.interactions.assign(event="purchase")
+    assert (event_codes(df) == PURCHASE).all()
+    assert (event_codes(ds.interactions.drop(columns="rating")) == CLICK).all()
+    direct = TrainData(td.user_map, td.item_map, td.user_idx, td.item_idx, td.ts)
+    assert direct.event.dtype == np.int8 and (direct.event == CLICK).all()
+
+
+def test_events_ride_along_without_changing_dedupe_or_split():
+    rows = [(1, 10, 1), (1, 11, 2), (1, 12, 3), (1, 10, 4), (2, 10, 1), (2, 12, 2), (3, 11, 5)]
+    plain = frame(rows)
+    tagged = plain.assign(event=["click", "like", "purchase", "purchase", "click", "like", "click"])
+    for split in (dedupe_pairs, lambda d: leave_last_out(d)[0], lambda d: leave_last_out(d)[1],
+                  lambda d: validation_split(leave_last_out(d)[0])[0]):
+        a, b = split(plain), split(tagged)
+        pd.testing.assert_frame_equal(a, b.drop(columns="event"))
+    train, test = leave_last_out(tagged)
+    assert list(test["event"]) == ["purchase"]  # user 1's last item, 12
+    # the dedupe keeps the earliest row of a pair with its own event: the later 'purchase' of (1, 10) is dropped
+    assert train.set_index(["user_id", "item_id"]).loc[("1", "10"), "event"] == "click"
+    td = TrainData.from_frame(train)
+    by_pair = {(td.user_map.ids[u], td.item_map.ids[i]): EVENT_TYPES[e]
+               for u, i, e in zip(td.user_idx, td.item_idx, td.event, strict=True)}
+    assert by_pair == {("1", "10"): "click", ("1", "11"): "like", ("2", "10"): "click", ("2", "12"): "like",
+                       ("3", "11"): "click"}
+
+
+def test_item_side_information_fields():
+    items = pd.DataFrame({"category_id": [3, 1, 3, 2], "brand": ["b2", "b1", "b2", None], "market_id": [7, 7, 5, 5],
+                          "tags": ["x|y", "y", "z", "x"]}, index=pd.Index(["10", "11", "12", "13"], name="item_id"))
+    td = TrainData.from_frame(frame([(1, 10, 1), (1, 11, 2), (2, 12, 3), (2, 13, 4)]), items=items)
+    codes, names = td.item_category
+    assert names == ["1", "2", "3"] and list(codes) == [2, 0, 2, 1]
+    np.testing.assert_array_equal(td.item_field("category"), codes)
+    np.testing.assert_array_equal(td.item_field("brand"), [1, 0, 1, -1])  # missing → -1
+    assert td.item_field_names("brand") == ["b1", "b2"]
+    np.testing.assert_array_equal(td.item_field("market"), [1, 1, 0, 0])  # found under its alias market_id
+    assert td.item_field_names("market") == ["5", "7"]
+    np.testing.assert_array_equal(td.item_field("tags"), [0, 1, 2, 0])  # any column by name, first of 'a|b'
+    assert td.item_field("colour") is None and td.item_field_names("colour") is None
+    bare = TrainData.from_frame(frame([(1, 10, 1)]), items=items[["category_id"]])
+    assert bare.item_field("brand") is None and bare.item_field("market") is None
+    none = TrainData.from_frame(frame([(1, 10, 1)]))
+    assert none.item_field("category") is None and none.item_category[1] == []
 
 
 # --------------------------------------------------------------------------------- real data (optional)

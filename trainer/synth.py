@@ -6,6 +6,13 @@ sessions (a burst of clicks minutes apart, hours or days between sessions) that 
 mostly one sub-topic, so items clicked together share topics. Item popularity is a power law, damped by
 freshness (news is read in the days after it is published). Timestamps span 30 days.
 
+Side information and events (generator version 2): each item has a brand (nested in its category, brands
+specialise in sub-topics) and a market (a group of regions, mostly shared by a sub-topic's items). Some
+sessions end in a purchase: the purchased item is one the session clicked after an earlier click, more
+likely for buyer-type users, strong brands, good items and items of the user's home market; some other
+clicks are liked (good items, on-topic clicks). Events are flags on click rows, drawn from generators of
+their own, so every other column is exactly what version 1 produced.
+
 Generation is vectorised per chunk of users (~500k clicks), each chunk with its own seeded generator,
 and the interactions are streamed to parquet row groups (or CSV), so memory stays bounded.
 """
@@ -27,9 +34,11 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from trainer.data.events import CLICK, EVENT_TYPES, LIKE, PURCHASE
+
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 META_FILE = "synth.json"
 DEFAULT_PATH = Path("var/data/synthetic-default")
 DEFAULT_PARAMS = {"n_users": 20_000, "n_items": 10_000, "n_clicks": 400_000, "seed": 42}
@@ -64,6 +73,17 @@ GROUP_ITEMS = 40
 POP_EXPONENT = 0.7
 RESAMPLE_ROUNDS = 5
 P_REREAD = 0.1  # share of repeated (user, item) clicks kept as genuine re-reads
+
+# side information and events: drawn from generators of their own ([seed, 3] and [seed, 2, chunk])
+REGIONS_PER_MARKET = 4  # market m (0-based) holds regions 4m+1..4m+4: 7 markets
+N_MARKETS = -(-N_REGIONS // REGIONS_PER_MARKET)
+P_GROUP_MARKET = 0.8  # an item's market is its sub-topic group's market, else one drawn by market size
+BRAND_ITEMS = 30  # about one brand per this many items of a category, 2..12 brands per category
+BRAND_CONCENTRATION = 0.5  # Dirichlet concentration of a brand's affinity over its category's sub-topics
+BUY_BASE = -1.6  # purchase logit of a session's candidate click, before user/brand/item/market effects
+BUY_MARKET = 1.0  # purchase logit bonus when the item's market is the user's home market
+LIKE_BASE = -3.0  # like logit of a click, before item quality, user and on-topic effects
+LIKE_ON_TOPIC = 0.7
 
 
 def _sizes(n_items: int) -> tuple[int, int]:
@@ -129,6 +149,28 @@ class _World:
         activity = rng.lognormal(0, 1.0, n_users)
         self.counts = rng.multinomial(n_clicks, activity / activity.sum()) if n_users else np.zeros(0, np.int64)
         self._build_tables()
+        self._side_info(np.random.default_rng([seed, 3]))
+
+    def _side_info(self, rng: np.random.Generator) -> None:
+        """Brands (nested in categories, specialised in sub-topics), markets, and the latent effects of events."""
+        k, s, n_items = self.k, self.s, self.n_items
+        n_brands = np.clip(np.round(np.bincount(self.cat, minlength=k) / BRAND_ITEMS), 2, 12).astype(np.int64)
+        j = np.arange(n_brands.max())
+        share = np.where(j[None, :] < n_brands[:, None], (j[None, :] + 1.0) ** -1.0, 0.0)  # Zipf inside a category
+        affinity = rng.dirichlet(np.full(s, BRAND_CONCENTRATION), size=share.shape)  # [k, brands, s]
+        w = share[self.cat] * affinity[self.cat, :, self.sub]
+        first_brand = np.concatenate([[0], np.cumsum(n_brands)[:-1]])
+        self.brand = first_brand[self.cat] + _categorical(np.cumsum(w, axis=1), rng.random(n_items))
+        self.n_brands = int(n_brands.sum())
+        self.user_market = (self.region.astype(np.int64) - 1) // REGIONS_PER_MARKET
+        size = np.bincount(self.user_market, minlength=N_MARKETS) + 1.0
+        group_market = rng.choice(N_MARKETS, k * s, p=size / size.sum())
+        self.market = np.where(rng.random(n_items) < P_GROUP_MARKET, group_market[self.group],
+                               rng.choice(N_MARKETS, n_items, p=size / size.sum()))
+        self.quality = rng.normal(0, 0.6, n_items)
+        self.brand_buy = rng.normal(0, 0.7, self.n_brands)
+        self.user_buy = rng.normal(0, 0.8, self.n_users)
+        self.user_like = rng.normal(0, 0.5, self.n_users)
 
     def _build_tables(self) -> None:
         """Per (group, day) inverse-CDF tables over the items published before that day, weighted by
@@ -162,14 +204,15 @@ class _World:
         edges = np.unique(np.concatenate([[0], cuts, [self.n_users]]))
         return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
-    def clicks(self, a: int, b: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """All clicks of users [a, b), sorted by (user, time)."""
+    def clicks(self, a: int, b: int, rng: np.random.Generator,
+               event_rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """All clicks of users [a, b), sorted by (user, time); `event_rng` draws only the event column."""
         n = self.counts[a:b]
         m = int(n.sum())
         user = np.repeat(np.arange(a, b), n)
         if m == 0:
             return {"user": user, "item": user.copy(), "ts": user.copy(), "env": user.astype(np.int8),
-                    "region": user.astype(np.int16)}
+                    "region": user.astype(np.int16), "event": user.astype(np.int8)}
         # sessions: a click opens a new one with probability P_NEW_SESSION; a user's first click always does
         new = rng.random(m) < P_NEW_SESSION
         new[np.cumsum(n)[n > 0] - n[n > 0]] = True
@@ -221,8 +264,39 @@ class _World:
             item[dup] = self.table_items[np.clip(pos, self.seg_lo[seg[dup]], self.seg_hi[seg[dup]])]
 
         order = np.lexsort((ts, user))
+        on_topic = (cat == s_cat[sess]) & (sub == s_sub[sess])
+        event = self.events(user[order], item[order], sess[order], on_topic[order], event_rng)
         return {"user": user[order], "item": item[order], "ts": ts[order], "env": s_env[sess][order],
-                "region": s_region[sess][order]}
+                "region": s_region[sess][order], "event": event}
+
+    def events(self, user: np.ndarray, item: np.ndarray, sess: np.ndarray, on_topic: np.ndarray,
+               rng: np.random.Generator) -> np.ndarray:
+        """Event code per click (arrays in output order): purchases and likes, only on first clicks of a pair.
+
+        A session's purchase candidate is its last on-topic click after an earlier first click of the session (so
+        it still follows one after the dedupe), bought with probability sigmoid(BUY_BASE + user + brand + item
+        quality + home-market bonus); likes fall on other clicks, more on good items and on-topic clicks."""
+        m = len(user)
+        event = np.full(m, CLICK, np.int8)
+        first = np.zeros(m, bool)
+        first[np.unique(user.astype(np.int64) * self.n_items + item, return_index=True)[1]] = True
+        by_sess = np.argsort(sess, kind="stable")  # each session's clicks, in output order
+        sorted_sess = sess[by_sess]
+        starts = np.flatnonzero(np.r_[True, sorted_sess[1:] != sorted_sess[:-1]])
+        f = first[by_sess].astype(np.int64)
+        seen = np.cumsum(f) - f  # first clicks before this one, counted from the chunk's start ...
+        earlier = np.empty(m, np.int64)
+        earlier[by_sess] = seen - np.repeat(seen[starts], np.diff(np.r_[starts, m]))  # ... and from the session's
+        pos = np.where(first & on_topic & (earlier > 0), np.arange(m), -1)
+        cand = np.maximum.reduceat(pos[by_sess], starts)
+        cand = cand[cand >= 0]
+        u, it = user[cand], item[cand]
+        logit = (BUY_BASE + self.user_buy[u] + self.brand_buy[self.brand[it]] + self.quality[it]
+                 + BUY_MARKET * (self.market[it] == self.user_market[u]))
+        event[cand[rng.random(len(cand)) < 1 / (1 + np.exp(-logit))]] = PURCHASE
+        logit = LIKE_BASE + self.quality[item] + self.user_like[user] + LIKE_ON_TOPIC * on_topic
+        event[first & (event == CLICK) & (rng.random(m) < 1 / (1 + np.exp(-logit)))] = LIKE
+        return event
 
     def users_frame(self) -> pd.DataFrame:
         return pd.DataFrame({"user_id": np.arange(1, self.n_users + 1, dtype=np.int64),
@@ -232,14 +306,17 @@ class _World:
     def items_frame(self) -> pd.DataFrame:
         return pd.DataFrame({"item_id": np.arange(1, self.n_items + 1, dtype=np.int64),
                              "category_id": (self.cat + 1).astype(np.int32), "words_count": self.words,
-                             "created_at_ts": self.created, "tags": self.tags})
+                             "created_at_ts": self.created, "tags": self.tags,
+                             "brand": pd.Series(self.brand + 1).astype(str).radd("b").to_numpy(object),
+                             "market": pd.Series(self.market + 1).astype(str).radd("m").to_numpy(object)})
 
 
 def _table(c: dict[str, np.ndarray]) -> pa.Table:
     env = pa.DictionaryArray.from_arrays(pa.array(c["env"], pa.int8()), pa.array(ENVIRONMENTS))
+    event = pa.DictionaryArray.from_arrays(pa.array(c["event"], pa.int8()), pa.array(EVENT_TYPES))
     return pa.table({"user_id": pa.array(c["user"] + 1, pa.int64()), "item_id": pa.array(c["item"] + 1, pa.int64()),
                      "timestamp": pa.array(c["ts"], pa.int64()), "environment": env,
-                     "region": pa.array(c["region"], pa.int16())})
+                     "region": pa.array(c["region"], pa.int16()), "event": event})
 
 
 def write_synthetic(out: str | Path, n_users: int, n_items: int, n_clicks: int, seed: int = 42,
@@ -260,17 +337,22 @@ def write_synthetic(out: str | Path, n_users: int, n_items: int, n_clicks: int, 
     world = _World(n_users, n_items, n_clicks, seed)
     path = out / f"interactions.{fmt}"
     schema = _table({"user": np.zeros(0, np.int64), "item": np.zeros(0, np.int64), "ts": np.zeros(0, np.int64),
-                     "env": np.zeros(0, np.int8), "region": np.zeros(0, np.int16)}).schema
+                     "env": np.zeros(0, np.int8), "region": np.zeros(0, np.int16),
+                     "event": np.zeros(0, np.int8)}).schema
+    n_events = np.zeros(len(EVENT_TYPES), np.int64)
     writer = pq.ParquetWriter(path, schema, compression="zstd") if fmt == "parquet" else None
     csv_writer = None
     try:
         with tqdm(total=n_clicks, unit="click", unit_scale=True, desc="synth", disable=not progress) as bar:
             for i, (a, b) in enumerate(world.chunks()):
-                t = _table(world.clicks(a, b, np.random.default_rng([seed, 1, i])))
+                c = world.clicks(a, b, np.random.default_rng([seed, 1, i]), np.random.default_rng([seed, 2, i]))
+                n_events += np.bincount(c["event"], minlength=len(EVENT_TYPES))
+                t = _table(c)
                 if writer is not None:
                     writer.write_table(t, row_group_size=len(t) or None)
                 else:
                     t = t.set_column(3, "environment", t["environment"].cast(pa.string()))
+                    t = t.set_column(5, "event", t["event"].cast(pa.string()))
                     csv_writer = csv_writer or pacsv.CSVWriter(str(path), t.schema)
                     csv_writer.write_table(t)
                 bar.update(len(t))
@@ -286,7 +368,8 @@ def write_synthetic(out: str | Path, n_users: int, n_items: int, n_clicks: int, 
             frame.to_csv(out / f"{name}.csv", index=False)
     meta = {"generator_version": GENERATOR_VERSION, "n_users": n_users, "n_items": n_items, "n_clicks": n_clicks,
             "seed": seed, "format": fmt, "categories": world.k, "subtopics_per_category": world.s,
-            "window": [T0, T0 + N_DAYS * DAY]}
+            "brands": world.n_brands, "markets": N_MARKETS, "regions_per_market": REGIONS_PER_MARKET,
+            "events": dict(zip(EVENT_TYPES, n_events.tolist(), strict=True)), "window": [T0, T0 + N_DAYS * DAY]}
     (out / META_FILE).write_bytes(orjson.dumps(meta, option=orjson.OPT_INDENT_2))
     log.info("synthetic dataset: %d clicks, %d users, %d items (%d categories × %d sub-topics) → %s in %.1f s",
              n_clicks, n_users, n_items, world.k, world.s, out, time.perf_counter() - t_start)

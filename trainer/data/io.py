@@ -5,7 +5,7 @@ optional `users.csv|parquet` and `items.csv|parquet` attribute tables.
 Click-log format: `click_log.csv|parquet` (user_id, article_id, timestamp, environment, region) and
 `articles.csv|parquet` (article_id, category_id, created_at_ts, words_count), mapped to the same schema.
 Timestamps are integer seconds; integer values above 1e11 are taken as milliseconds, and strings are
-parsed as dates.
+parsed as dates. An optional `event` column is validated against trainer.data.events.EVENT_TYPES.
 """
 
 from __future__ import annotations
@@ -16,9 +16,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from trainer.data.errors import DataError
+from trainer.data.errors import DataError, first_bad
+from trainer.data.events import event_column, parse_events
 
 CATEGORY_COLUMNS = ("category_id", "category", "genres", "genre")
+# item side-information fields recognised by name: field → its columns, the first present one is used
+ITEM_FIELDS = {"category": CATEGORY_COLUMNS, "brand": ("brand_id", "brand"), "market": ("market_id", "market")}
+# interaction columns that are not context columns
+CORE_COLUMNS = ("user_id", "item_id", "timestamp", "rating", "event")
 CLICK_LOG_ALIASES = {"article_id": "item_id", "click_article_id": "item_id", "click_timestamp": "timestamp",
                      "click_environment": "environment", "click_region": "region"}
 ARTICLE_ALIASES = {"article_id": "item_id"}
@@ -37,13 +42,22 @@ class Dataset:
     @property
     def category_column(self) -> str | None:
         """The item column used as 'category' (first of category_id, category, genres, genre)."""
-        if self.items is None:
-            return None
-        return next((c for c in CATEGORY_COLUMNS if c in self.items.columns), None)
+        return self.item_field_column("category")
+
+    def item_field_column(self, field: str) -> str | None:
+        """The item column of a side-information field (`category`, `brand`, `market`, or a column name)."""
+        return item_field_column(self.items, field)
 
     @property
     def context_columns(self) -> list[str]:
-        return [c for c in self.interactions.columns if c not in ("user_id", "item_id", "timestamp", "rating")]
+        return [c for c in self.interactions.columns if c not in CORE_COLUMNS]
+
+
+def item_field_column(items: pd.DataFrame | None, field: str) -> str | None:
+    """The first column of `items` among ITEM_FIELDS[field] (any other name: that column), or None."""
+    if items is None:
+        return None
+    return next((c for c in ITEM_FIELDS.get(field, (field,)) if c in items.columns), None)
 
 
 def _find(directory: Path, stem: str) -> Path | None:
@@ -66,12 +80,6 @@ def _read(path: Path) -> pd.DataFrame:
     return df
 
 
-def _first_bad(path: Path, column: str, mask: np.ndarray, values: pd.Series, why: str) -> DataError:
-    i = int(np.flatnonzero(mask)[0])
-    line = f"line {i + 2}" if path.suffix == ".csv" else f"row {i}"
-    return DataError(f"{path}: column {column!r}: {line}: {why} ({values.iloc[i]!r})")
-
-
 def _require(path: Path, df: pd.DataFrame, columns: tuple[str, ...]) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
@@ -82,18 +90,18 @@ def _ids(path: Path, df: pd.DataFrame, column: str) -> pd.Series:
     s = df[column]
     bad = s.isna().to_numpy()
     if bad.any():
-        raise _first_bad(path, column, bad, s, "missing id")
+        raise first_bad(path, column, bad, s, "missing id")
     s = s.astype(str).str.strip()
     empty = (s == "").to_numpy()
     if empty.any():
-        raise _first_bad(path, column, empty, s, "empty id")
+        raise first_bad(path, column, empty, s, "empty id")
     return s.astype(object)
 
 
 def parse_timestamps(path: Path, column: str, s: pd.Series) -> np.ndarray:
     """Integer seconds from ints (ms if > 1e11), floats, or date strings; errors name the first bad row."""
     if s.isna().any():
-        raise _first_bad(path, column, s.isna().to_numpy(), s, "missing timestamp")
+        raise first_bad(path, column, s.isna().to_numpy(), s, "missing timestamp")
     num = pd.to_numeric(s, errors="coerce")
     if not num.isna().any():
         arr = num.to_numpy(dtype=np.float64)
@@ -104,7 +112,7 @@ def parse_timestamps(path: Path, column: str, s: pd.Series) -> np.ndarray:
     # a mostly numeric column is numeric: its first non-number is the bad row (not its first number)
     bad = (num.isna() if num.notna().sum() > dt.notna().sum() else dt.isna()).to_numpy()
     if bad.any():
-        raise _first_bad(path, column, bad, s, "unparsable timestamp")
+        raise first_bad(path, column, bad, s, "unparsable timestamp")
     # resolution-independent (pandas may parse to s, ms, us or ns units)
     return ((dt - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(dtype=np.int64)
 
@@ -114,14 +122,14 @@ def _attributes(path: Path, df: pd.DataFrame, id_col: str) -> pd.DataFrame:
     ids = _ids(path, df, id_col)
     dup = ids.duplicated().to_numpy()
     if dup.any():
-        raise _first_bad(path, id_col, dup, ids, "duplicate id")
+        raise first_bad(path, id_col, dup, ids, "duplicate id")
     out = df.drop(columns=[id_col]).copy()
     out.index = pd.Index(ids.to_numpy(), name=id_col)
     return out
 
 
 def load_interactions_frame(path: Path, df: pd.DataFrame) -> pd.DataFrame:
-    """Validate and normalise an interactions frame (ids → str, timestamp → int seconds)."""
+    """Validate and normalise an interactions frame (ids → str, timestamp → int seconds, event → its name)."""
     _require(path, df, ("user_id", "item_id", "timestamp"))
     out = df.copy()
     out["user_id"] = _ids(path, df, "user_id")
@@ -131,10 +139,12 @@ def load_interactions_frame(path: Path, df: pd.DataFrame) -> pd.DataFrame:
         r = pd.to_numeric(out["rating"], errors="coerce")
         bad = r.isna().to_numpy() & out["rating"].notna().to_numpy()
         if bad.any():
-            raise _first_bad(path, "rating", bad, out["rating"], "not a number")
+            raise first_bad(path, "rating", bad, out["rating"], "not a number")
         out["rating"] = r.astype("float32")
+    if "event" in out.columns:  # a Categorical of the vocabulary (lower case, aliases resolved, missing = click)
+        out["event"] = event_column(parse_events(df["event"], path, "event"))
     for c in out.columns:
-        if c not in ("user_id", "item_id", "timestamp", "rating"):
+        if c not in CORE_COLUMNS:
             out[c] = out[c].astype(str).fillna("")
     return out.reset_index(drop=True)
 

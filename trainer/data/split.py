@@ -14,7 +14,8 @@ def _sort_key(s: pd.Series) -> pd.Series:
 
 
 def dedupe_pairs(df: pd.DataFrame) -> pd.DataFrame:
-    """Keep only the earliest occurrence of each (user, item) pair (by timestamp, then row order)."""
+    """Keep only the earliest occurrence of each (user, item) pair (by timestamp, then row order); every other
+    column (rating, event, context) is that row's."""
     order = np.lexsort((np.arange(len(df)), df["timestamp"].to_numpy()))
     first = df.iloc[order].drop_duplicates(["user_id", "item_id"], keep="first")
     return first.sort_index()

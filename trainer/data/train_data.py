@@ -10,7 +10,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 from common.ids import IdMap
-from trainer.data.io import CATEGORY_COLUMNS
+from trainer.data.events import event_codes
+from trainer.data.io import item_field_column
+from trainer.data.sessions import Sessions
 from trainer.data.split import dedupe_pairs, order_interactions
 
 
@@ -18,7 +20,8 @@ from trainer.data.split import dedupe_pairs, order_interactions
 class TrainData:
     """Interactions as parallel arrays sorted by (user, time, item), with id maps and attributes.
 
-    `user_idx/item_idx` index into `users`/`items` (IdMaps); `user_ptr[u]:user_ptr[u+1]` is user u's slice.
+    `user_idx/item_idx` index into `users`/`items` (IdMaps); `user_ptr[u]:user_ptr[u+1]` is user u's slice;
+    `event` holds each interaction's trainer.data.events code (all `click` when the data has none).
     """
 
     user_map: IdMap
@@ -30,6 +33,11 @@ class TrainData:
     user_attrs: pd.DataFrame | None = None  # row i = user index i
     item_attrs: pd.DataFrame | None = None  # row i = item index i
     rating: np.ndarray | None = None
+    event: np.ndarray | None = None  # int8 EVENT_TYPES code per interaction; None → all click
+
+    def __post_init__(self) -> None:
+        if self.event is None:
+            self.event = np.zeros(len(self.user_idx), np.int8)
 
     @classmethod
     def from_frame(cls, interactions: pd.DataFrame, users: pd.DataFrame | None = None,
@@ -48,9 +56,10 @@ class TrainData:
         order = np.lexsort((np.arange(len(df)), u))
         ctx = {c: df[c].astype(str).to_numpy(object)[order] for c in ("environment", "region") if c in df.columns}
         rating = df["rating"].to_numpy(np.float32)[order] if "rating" in df.columns else None
+        event = event_codes(df)[order]
         ua = users.reindex(pd.Index(user_map.ids)).reset_index(drop=True) if users is not None else None
         ia = items.reindex(pd.Index(item_map.ids)).reset_index(drop=True) if items is not None else None
-        return cls(user_map, item_map, u[order], i[order], ts[order], ctx, ua, ia, rating)
+        return cls(user_map, item_map, u[order], i[order], ts[order], ctx, ua, ia, rating, event)
 
     @property
     def n_users(self) -> int:
@@ -88,17 +97,40 @@ class TrainData:
         return items[::-1][:n], ts[::-1][:n]
 
     @cached_property
+    def sessions(self) -> Sessions:
+        """The interactions' sessions (30-minute gap) with each session's conversion (trainer.data.sessions)."""
+        return Sessions.build(self.user_idx, self.item_idx, self.ts, self.event)
+
+    @cached_property
     def category_column(self) -> str | None:
-        if self.item_attrs is None:
-            return None
-        return next((c for c in CATEGORY_COLUMNS if c in self.item_attrs.columns), None)
+        return item_field_column(self.item_attrs, "category")
 
     @cached_property
     def item_category(self) -> tuple[np.ndarray, list[str]]:
         """(primary category code per item, -1 if unknown; category names). Multi-valued → first value."""
-        col = self.category_column
-        if col is None:
-            return np.full(self.n_items, -1, np.int32), []
-        s = self.item_attrs[col].astype("string").str.split("|").str[0]
-        codes, names = pd.factorize(s, sort=True)
-        return codes.astype(np.int32), [str(x) for x in names]
+        got = self._field("category")
+        return got if got is not None else (np.full(self.n_items, -1, np.int32), [])
+
+    def item_field(self, field: str) -> np.ndarray | None:
+        """int32 code per item of a side-information field (`category`, `brand`, `market`, or a column name),
+        -1 where unknown; None when the items have no such column. Codes index `item_field_names(field)`."""
+        got = self._field(field)
+        return None if got is None else got[0]
+
+    def item_field_names(self, field: str) -> list[str] | None:
+        """The (sorted) values that the codes of `item_field(field)` stand for; None without the column."""
+        got = self._field(field)
+        return None if got is None else got[1]
+
+    def _field(self, field: str) -> tuple[np.ndarray, list[str]] | None:
+        """(codes, names) of an item field, computed once; a multi-valued value (`a|b`) counts as its first part."""
+        cache = self.__dict__.setdefault("_field_cache", {})
+        if field not in cache:
+            col = item_field_column(self.item_attrs, field)
+            got = None
+            if col is not None:
+                s = self.item_attrs[col].astype("string").str.split("|").str[0]
+                codes, names = pd.factorize(s, sort=True)
+                got = (codes.astype(np.int32), [str(x) for x in names])
+            cache[field] = got
+        return cache[field]

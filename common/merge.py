@@ -35,10 +35,25 @@ class Merged:
     channel_names: list[str]
 
 
+def ask_quota_or_k(quota: int, k: int, total_quota: int) -> int:
+    """max(quota, k): the rule of channels whose cost hardly depends on how many candidates they return."""
+    return max(quota, k)
+
+
+def ask_quota_only(quota: int, k: int, total_quota: int) -> int:
+    """The channel's quota plus only what the quotas of all merged channels cannot fill: the rule of a vector
+    search, whose cost grows with its k."""
+    return quota + max(0, k - total_quota)
+
+
+# How many candidates a channel of each artifact kind asks for (the recall server's retrievers and the
+# evaluator both use this table).
+REQUEST_SIZE = {"i2i": ask_quota_or_k, "u2u": ask_quota_or_k, "u2i": ask_quota_only, "list": ask_quota_or_k}
+
+
 def request_size(kind: str, quota: int, k: int, total_quota: int) -> int:
-    """Candidates to ask one channel for: max(quota, k); a u2i channel (a vector search, whose cost grows
-    with its k) asks for its quota plus only what the quotas of all merged channels cannot fill."""
-    return quota + max(0, k - total_quota) if kind == "u2i" else max(quota, k)
+    """Candidates to ask one channel of artifact kind `kind` for (see REQUEST_SIZE)."""
+    return REQUEST_SIZE[kind](quota, k, total_quota)
 
 
 @lru_cache(maxsize=64)

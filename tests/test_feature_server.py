@@ -15,8 +15,8 @@ import pytest
 from common.keyspace import FEATURES_CHANNEL
 from common.local_redis import LocalRedis, free_port
 from common.publish import current_version, read_manifest
-from services.feature_server.build import publish_features
 from trainer.data.io import load_dataset
+from trainer.feature_build import publish_features
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,10 +132,19 @@ def test_env_region_fall_back_to_user_attributes(tmp_path, stores, small_setting
     assert item == {"item_id": "10", "clicks": 2, "created_ts": None, "category": None, "attrs": {}}
 
 
+def test_build_alias_runs_the_trainer_command(tmp_path):
+    """`python -m services.feature_server build` is a thin alias of `python -m trainer features`."""
+    out = subprocess.run([sys.executable, "-m", "services.feature_server", "build", "--data", str(tmp_path / "none"),
+                          "--redis-url", "redis://127.0.0.1:1/0", "--no-progress"],
+                         cwd=ROOT, env={**os.environ, **SERVER_ENV}, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("error: ") and "none" in out.stderr  # the trainer's data error, naming the dir
+
+
 def test_cli_build_then_http_reads(tmp_path, settings, start_server):
     data = write_dataset(tmp_path / "data")
     env = {**os.environ, **SERVER_ENV, "REDIS_URL": "redis://127.0.0.1:1/0"}  # --redis-url must win
-    out = subprocess.run([sys.executable, "-m", "services.feature_server", "build", "--data", str(data),
+    out = subprocess.run([sys.executable, "-m", "trainer", "features", "--data", str(data),
                           "--redis-url", settings.redis_url, "--no-progress"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -1,10 +1,14 @@
-"""common/merge.merge on hand-made channel outputs: order, weights, quotas, dedup, exclusion, fill to k."""
+"""common/merge.merge on hand-made channel outputs: order, weights, quotas, dedup, exclusion, fill to k;
+request sizes per artifact kind."""
 
 from __future__ import annotations
 
+from typing import get_args
+
 import numpy as np
 
-from common.merge import ChannelOutput, merge
+from common.channel_config import ArtifactKind
+from common.merge import REQUEST_SIZE, ChannelOutput, merge, request_size
 
 
 def out(name: str, ids: list[int], weight: float = 1.0, quota: int = 200, scores: list[float] | None = None) -> ChannelOutput:
@@ -78,3 +82,11 @@ def test_minmax_normalisation_uses_scores():
     m = merge([a, b], k=5, normalize="minmax")
     # minmax: a → 1, 0.99, 0; b → 1, 0: item 2 (0.99) beats item 5 (0), ties (1 and 4) by id
     assert m.ids.tolist()[:3] == [1, 4, 2]
+
+
+def test_request_size_table_covers_every_kind():
+    assert set(REQUEST_SIZE) == set(get_args(ArtifactKind))
+    assert request_size("i2i", 50, 200, 1000) == 200 and request_size("u2u", 250, 200, 1000) == 250
+    assert request_size("list", 30, 50, 60) == 50
+    assert request_size("u2i", 25, 200, 1000) == 25  # the quotas fill k: a vector search asks for its quota
+    assert request_size("u2i", 25, 200, 125) == 100  # ... plus what they cannot fill

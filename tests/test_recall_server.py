@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import get_args
 
 import httpx
 import numpy as np
@@ -23,7 +24,7 @@ import pytest
 import redis
 from conftest import ROOT, ServerProcess, free_port
 
-from common.channel_config import load_config
+from common.channel_config import ArtifactKind, load_config
 from common.ids import load_id_map, publish_id_map
 from common.keyspace import Keyspace, unpack_neighbors
 from common.local_redis import LocalRedis
@@ -35,12 +36,12 @@ CONFIG = """
 merge: {normalize: rank, rank_offset: 20}
 default_k: 50
 channels:
-  popular: {kind: list, model: popular, weight: 0.3, quota: 30, timeout_ms: 2000, params: {size: 100}}
-  itemcf: {kind: i2i, model: itemcf, weight: 1.0, quota: 60, timeout_ms: 2000, params: {k: 50},
+  popular: {kind: list, model: popular, weight: 0.3, quota: 30, timeout_ms: 2000, params: {top_k: 100}}
+  itemcf: {kind: i2i, model: itemcf, weight: 1.0, quota: 60, timeout_ms: 2000, params: {top_k: 50},
            serve: {recent_n: 10, recency_decay: 0.9, per_anchor: 50}}
-  usercf: {kind: u2u, model: usercf, weight: 0.5, quota: 40, timeout_ms: 2000, params: {k: 20},
+  usercf: {kind: u2u, model: usercf, weight: 0.5, quota: 40, timeout_ms: 2000, params: {top_k: 20},
            serve: {per_anchor: 20, neighbor_items: 10}}
-  mf: {kind: u2i, model: mf, weight: 1.0, quota: 60, timeout_ms: 2000, params: {factors: 16, iterations: 5}}
+  mf: {kind: u2i, model: mf, weight: 1.0, quota: 60, timeout_ms: 2000, params: {dim: 16, epochs: 5}}
   mf_i2i: {kind: i2i, from: mf, weight: 0.3, quota: 30, timeout_ms: 2000}
 """
 CHANNELS = ["popular", "itemcf", "usercf", "mf", "mf_i2i"]
@@ -49,10 +50,10 @@ PUBLISHERS = ["popular", "itemcf", "usercf", "mf", "features"]
 
 def publish_tiny(settings: Settings, data_dir: Path, config_path: Path) -> dict:
     """Fit every trained channel of the config on `data_dir` and publish it (+ features, id maps)."""
-    from services.feature_server.build import publish_features
     from trainer.channels import registry
     from trainer.data.io import load_dataset
     from trainer.data.train_data import TrainData
+    from trainer.feature_build import publish_features
     from trainer.publishing import publish_channel
 
     stores = RedisStores(settings.redis_url, Keyspace.from_settings(settings))
@@ -148,6 +149,26 @@ def recall(stack, **params) -> dict:
 
 
 # -- answers -------------------------------------------------------------------------------------
+
+def test_one_retriever_per_kind_dispatched_by_attributes():
+    """The table the request path dispatches through: every kind, the evaluator's request sizes, and the
+    attributes that replaced the comparisons of kind names."""
+    from common.merge import request_size
+    from services.recall_server.retrievers import RETRIEVERS, Retriever
+
+    assert set(RETRIEVERS) == set(get_args(ArtifactKind))
+    for kind, cls in RETRIEVERS.items():
+        assert issubclass(cls, Retriever) and cls.kind == kind
+        for quota, k, total in [(25, 200, 1000), (25, 200, 125), (300, 200, 1000), (50, 10, 60)]:
+            assert cls.request_size(quota, k, total) == request_size(kind, quota, k, total)
+
+    def having(attr: str) -> list[str]:
+        return sorted(kind for kind, cls in RETRIEVERS.items() if getattr(cls, attr))
+
+    assert having("in_snapshot") == having("cold_start") == ["list"]
+    assert having("shared_call") == ["u2i"] and having("neighbor_histories") == ["u2u"]
+    assert having("cached_lists") == ["i2i", "u2u"]
+
 
 def test_warm_user_answer_shape_versions_and_fill(stack):
     user = warm_users(stack)[0]

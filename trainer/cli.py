@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Offline side: synthetic data, nightly job, evaluation.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Offline side: synthetic data, nightly job, feature build, evaluation.")
 
 
 def _logging(level: str = "INFO") -> None:
@@ -38,6 +38,21 @@ def nightly(data: Path | None = typer.Option(None, help="dataset directory (defa
 
     _logging()
     raise typer.Exit(run_nightly_cli(data=data, config=config, redis_url=redis_url, artifacts=artifacts))
+
+
+@app.command()
+def features(data: Path = typer.Option(..., help="dataset directory (interactions.csv|parquet [+ users, items])"),
+             redis_url: str | None = typer.Option(None, help="Redis URL (default: $REDIS_URL, else `make up`'s Redis)"),
+             progress: bool = typer.Option(True, help="show progress bars")) -> None:
+    """Compute user/item features from DATA and publish them as a new `features` version (prints the version)."""
+    from common.settings import get_settings
+    from trainer.feature_build import run_features_cli
+
+    settings = get_settings()
+    _logging(settings.log_level.upper())
+    if redis_url:
+        settings = settings.model_copy(update={"redis_url": redis_url})
+    raise typer.Exit(run_features_cli(data, settings, progress=progress))
 
 
 @app.command()

@@ -142,7 +142,7 @@ def run_nightly(settings: Settings, data_dir: str | Path | None = None, config_p
         with run.stage("ids"):
             data = _ids(stores, dataset, summary)
         with run.stage("features"):
-            from services.feature_server.build import publish_features
+            from trainer.feature_build import publish_features
 
             summary["versions"][FEATURES_CHANNEL] = publish_features(stores, dataset, settings, progress=progress)
         for spec in todo:

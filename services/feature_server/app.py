@@ -10,9 +10,7 @@ import gc
 import logging
 import time
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse, urlunparse
 
 import orjson
 import redis.exceptions
@@ -24,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, field_
 from common.features import fetch_user_states
 from common.keyspace import FEATURES_CHANNEL, Keyspace, pack_json, unpack_json
 from common.redis_conn import AsyncRedisStores
+from common.redis_url import resolve_redis_url, safe_url
 from common.settings import Settings, get_settings
 from common.versions import VersionWatcher
 
@@ -131,25 +130,6 @@ class RequestError(Exception):
 
 def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(pack_json(obj), status_code=status, media_type="application/json", headers=headers)
-
-
-def safe_url(url: str) -> str:
-    """The Redis URL without credentials, for messages."""
-    u = urlparse(url)
-    host = u.hostname or ""
-    netloc = f"{host}:{u.port}" if u.port else host
-    return urlunparse(u._replace(netloc=netloc))
-
-
-def resolve_redis_url(settings: Settings) -> str:
-    """REDIS_URL, else the URL of the local Redis that `make up` started (run_dir/redis/redis.url)."""
-    if settings.redis_url:
-        return settings.redis_url
-    url_file = Path(settings.run_dir) / "redis" / "redis.url"
-    if url_file.exists() and url_file.read_text().strip():
-        return url_file.read_text().strip()
-    raise RuntimeError("no Redis configured: set REDIS_URL (e.g. redis://127.0.0.1:6379/0) or start the stack "
-                       "with `make up`")
 
 
 def format_errors(exc: ValidationError, limit: int = 5) -> list[str]:

@@ -29,27 +29,27 @@ from common.channel_config import ChannelConfig, load_config
 from common.fast_path import FastPath
 from common.features import fetch_user_states
 from common.keyspace import FEATURES_CHANNEL, Keyspace
-from common.merge import ChannelOutput, merge, request_size
+from common.merge import ChannelOutput, merge
 from common.redis_conn import AsyncRedisStores
 from common.settings import Settings, get_settings
 from services.recall_server.metrics import RecallMetrics, metrics_payload
 from services.recall_server.response import items_json
 from services.recall_server.retrievers import (
+    RETRIEVERS,
     ChannelEmpty,
     I2IRetriever,
     ListCache,
     ListRetriever,
     RequestContext,
     Result,
+    Retriever,
     U2URetriever,
     VectorRetriever,
-    i2i_artifact,
     is_new_user,
     new_user_categories,
-    u2u_artifact,
 )
 from services.recall_server.state import ChannelView, ServingState, Snapshot
-from services.vector_server.client import VectorClient, VectorNotFound, VectorServerTimeout
+from services.vector_server.client import VectorNotFound, VectorServerTimeout
 
 log = logging.getLogger("recall_server")
 
@@ -132,30 +132,24 @@ class RecallService:
         self.settings, self.config, self.metrics = settings, config, metrics
         self.ks = Keyspace.from_settings(settings)
         self.astores = AsyncRedisStores(settings.redis_url, self.ks, timeout_s=settings.redis_timeout_s)
-        self.state = ServingState(config, self.astores)
+        self.state = ServingState(config, self.astores, RETRIEVERS)
         self.state.on_snapshot = self._on_snapshot
         self._warm_task: asyncio.Task | None = None
         self._flush_task: asyncio.Task | None = None
         self.enabled = [c.name for c in self.state.enabled]
-        u2i = [c.timeout_ms for c in self.state.enabled if c.kind == "u2i"]
-        self.vector_client = None  # VectorClient (HTTP to the vector server) or EmbeddedVectorSearch (in-process)
-        if u2i and settings.vector_mode == "embedded":
-            from services.vector_server.embedded import EmbeddedVectorSearch
-
-            self.vector_client = EmbeddedVectorSearch(settings)
-        elif u2i:
-            self.vector_client = VectorClient(settings.vector_url, timeout_s=max(u2i) / 1000.0)
-        self.list_cache = ListCache(settings.recall_list_cache_mb * 2**20)
-        self.retrievers = {"i2i": I2IRetriever(self.astores, self.list_cache),
-                           "u2u": U2URetriever(self.astores, self.state.neighbor_cache, self.list_cache),
-                           "u2i": VectorRetriever(self.vector_client)}
-        self.lists = ListRetriever()
         self.normalize, self.rank_offset = config.merge.normalize, config.merge.rank_offset
+        self.list_cache = ListCache(settings.recall_list_cache_mb * 2**20)
+        self.vector = VectorRetriever(settings, self.state.enabled)  # the one retriever with a shared call
+        self.vector_client = self.vector.client  # VectorClient, EmbeddedVectorSearch, or None (no u2i channel)
+        retrievers: list[Retriever] = [I2IRetriever(self.astores, self.list_cache),
+                                       U2URetriever(self.astores, self.state.neighbor_cache, self.list_cache),
+                                       self.vector, ListRetriever(self.rank_offset)]
+        self.retrievers: dict[str, Retriever] = {r.kind: r for r in retrievers}  # every request dispatches here
 
     async def start(self) -> None:
         await self.state.start()
-        if self.settings.vector_mode == "embedded" and self.vector_client is not None:
-            await self.vector_client.start()
+        for retriever in self.retrievers.values():
+            await retriever.startup()
         await self.warm_up()
         self._flush_task = asyncio.get_running_loop().create_task(self._flush_metrics())
 
@@ -165,8 +159,8 @@ class RecallService:
             self.metrics.flush()
 
     async def warm_up(self) -> None:
-        """Compile the merge kernels and open a connection to every store and the vector server now, not on
-        the first request."""
+        """Compile the merge kernels and open a connection to every store and (through the retrievers) the
+        vector server now, not on the first request."""
         kernels.warm_up()
         stores = {"meta", "user_features", *(v.store for v in self.state.snapshot.views.values() if v.store)}
         for store in stores:
@@ -174,48 +168,44 @@ class RecallService:
                 await self.astores(store).ping()
             except Exception as exc:  # Redis down at start-up: requests answer 503 until it is back
                 log.warning("Redis store %s not reachable at start-up: %s", store, exc)
-        if self.vector_client is not None and self.settings.vector_mode == "remote":
-            try:
-                await self.vector_client.healthz(timeout_s=2.0)
-            except Exception as exc:
-                log.warning("vector server %s not reachable at start-up: %s", self.settings.vector_url, exc)
+        for retriever in self.retrievers.values():
+            await retriever.warm_up()
 
     def _on_snapshot(self, snap: Snapshot) -> None:
         self.metrics.set_versions({c.name: snap.versions.get(c.publisher) for c in self.state.enabled} | {
             FEATURES_CHANNEL: snap.features_version})
-        if self.list_cache.enabled and any(v.spec.kind in ("i2i", "u2u") and not v.unavailable
+        if self.list_cache.enabled and any(self.retrievers[v.spec.kind].cached_lists and not v.unavailable
                                            for v in snap.views.values()):
             if self._warm_task is not None:
                 self._warm_task.cancel()
             self._warm_task = asyncio.get_running_loop().create_task(self._warm_lists(snap))
 
     async def _warm_lists(self, snap: Snapshot, chunk: int = 500) -> None:
-        """Fill the list cache in the background after a version change, up to 3/4 of its budget: the i2i lists
-        of the most popular items first (the likeliest anchors), then the u2u lists of every user; requests then
-        rarely wait for Redis."""
-        ks, cache, t0 = self.ks, self.list_cache, time.perf_counter()
+        """Fill the list cache in the background after a version change, up to 3/4 of its budget, kind by kind
+        in table order: the i2i lists of the most popular items first (the likeliest anchors), then the u2u lists
+        of every user; requests then rarely wait for Redis."""
+        cache, t0 = self.list_cache, time.perf_counter()
         order = popularity_order(snap)
-        plan = []  # (views, anchors, artifact of a view, key of (view, anchor), per_anchor of a view)
-        i2i = [v for v in snap.views.values() if v.spec.kind == "i2i" and not v.unavailable]
-        if i2i and len(order):
-            plan.append((i2i, order, i2i_artifact, lambda v, a: ks.i2i(v.store, v.spec.publisher, v.version, a),
-                         lambda v: v.spec.serve.per_anchor))
-        u2u = [v for v in snap.views.values() if v.spec.kind == "u2u" and not v.unavailable and snap.features_version]
-        if u2u and len(snap.user_ids):
-            plan.append((u2u, snap.user_ids, u2u_artifact, lambda v, a: ks.u2u(v.store, v.spec.publisher, v.version, a),
-                         lambda v: None))
+        plan = []  # (retriever, its channels' views, anchors)
+        for r in self.retrievers.values():
+            if not r.cached_lists:
+                continue
+            views = [v for v in snap.views.values() if self.retrievers[v.spec.kind] is r and not v.unavailable]
+            anchors = r.warm_anchors(snap, order) if views else None
+            if anchors is not None and len(anchors):
+                plan.append((r, views, anchors))
         try:
-            for views, anchors, artifact_of, key_of, limit_of in plan:
+            for r, views, anchors in plan:
                 for a in range(0, len(anchors), chunk):
                     part = anchors[a:a + chunk].tolist()
                     for v in views:
                         if cache.size > 0.75 * cache.max_bytes or self.state.snapshot is not snap:
                             return
-                        artifact = artifact_of(v)
+                        artifact = r.artifact(v)
                         todo = [x for x, hit in zip(part, cache.get_many(artifact, part), strict=True) if hit is None]
                         if todo:
-                            values = await self.astores.reads(v.store).mget([key_of(v, x) for x in todo])
-                            limit = limit_of(v)
+                            values = await self.astores.reads(v.store).mget([r.list_key(v, x) for x in todo])
+                            limit = r.list_limit(v)
                             for x, value in zip(todo, values, strict=True):
                                 cache.put(artifact, x, value, limit)
                     await asyncio.sleep(0)
@@ -235,8 +225,8 @@ class RecallService:
                 task.cancel()
         self.metrics.flush()
         await self.state.stop()
-        if self.vector_client is not None:
-            await self.vector_client.aclose()
+        for retriever in self.retrievers.values():
+            await retriever.shutdown()
         await self.astores.close()
 
     # -- the request path -----------------------------------------------------------------------
@@ -256,8 +246,10 @@ class RecallService:
         cold = not user.recent
         names = p.channels or self.enabled
         views = [snap.views[n] for n in names]
+        retrievers = self.retrievers
         categories: list[str] = []
-        if not cold and is_new_user(user) and any(v.spec.kind == "list" and not v.unavailable for v in views):
+        if not cold and is_new_user(user) and any(retrievers[v.spec.kind].cold_start and not v.unavailable
+                                                  for v in views):
             try:  # a user known only from real-time events: per-category popular lists of what they clicked
                 categories = await new_user_categories(self.astores, snap.features_version, user)
             except (redis.exceptions.RedisError, OSError) as exc:
@@ -271,34 +263,35 @@ class RecallService:
         vector_sizes: dict[str, int] = {}
         for view in views:
             spec = view.spec
+            r = retrievers[spec.kind]
             if view.unavailable:
                 statuses[spec.name] = {"status": "skipped", "count": 0, "latency_ms": 0.0, "detail": view.unavailable}
-            elif cold and spec.kind != "list":
+            elif cold and not r.cold_start:
                 statuses[spec.name] = {"status": "skipped", "count": 0, "latency_ms": 0.0,
                                        "detail": "cold start: no history for this user"}
-            elif spec.kind != "list":
-                # the evaluator's rule: max(quota, k); u2i (a vector search) its quota + what quotas cannot fill
-                n = min(request_size(spec.kind, spec.quota, p.k, total_quota), self.settings.max_k)
-                if spec.kind == "u2i":
+            elif not r.in_snapshot:
+                # the evaluator's rule (common.merge.REQUEST_SIZE), at most MAX_K
+                n = min(r.request_size(spec.quota, p.k, total_quota), self.settings.max_k)
+                if r.shared_call:
                     vector_sizes[spec.publisher] = n
-                tasks.append((view, n))
+                tasks.append((view, r, n))
         if vector_sizes:
-            self.retrievers["u2i"].start(ctx, vector_sizes)
+            self.vector.start_shared(ctx, vector_sizes)
             if not ctx.vector_call.done():
                 await asyncio.sleep(0)  # send the vector server its work before this worker computes the rest
         # channels with everything in memory answer inline; the others (I/O) run as concurrent tasks
         pending = []
-        for view, n in tasks:
-            if self._run_inline(view.spec.name, partial(self.retrievers[view.spec.kind].retrieve_cached, view, ctx, n),
-                                statuses, results, ctx.vector_t0 if view.spec.kind == "u2i" else None):
+        for view, r, n in tasks:
+            if self._run_inline(view.spec.name, partial(r.retrieve_cached, view, ctx, n), statuses, results,
+                                ctx.vector_t0 if r.shared_call else None):
                 continue
-            pending.append(asyncio.ensure_future(self._run(view, ctx, n, statuses, results)))
+            pending.append(asyncio.ensure_future(self._run(view, r, ctx, n, statuses, results)))
         tasks = pending
-        for view in views:
-            if view.spec.kind == "list" and view.spec.name not in statuses:
-                n = request_size("list", view.spec.quota, p.k, total_quota)
-                self._run_inline(view.spec.name, partial(self.lists.retrieve_sync, view, ctx, n, self.rank_offset),
-                                 statuses, results)
+        for view in views:  # artifacts held in the snapshot (lists): inline, while the I/O channels run
+            r = retrievers[view.spec.kind]
+            if r.in_snapshot and view.spec.name not in statuses:
+                n = r.request_size(view.spec.quota, p.k, total_quota)
+                self._run_inline(view.spec.name, partial(r.retrieve_cached, view, ctx, n), statuses, results)
         if tasks:
             await asyncio.gather(*tasks)
 
@@ -328,13 +321,14 @@ class RecallService:
         return {"user_id": p.user_id, "k": p.k, "items": items, "channels": statuses, "versions": versions,
                 "cold_start": cold}
 
-    async def _run(self, view: ChannelView, ctx: RequestContext, n: int, statuses: dict, results: dict) -> None:
+    async def _run(self, view: ChannelView, retriever: Retriever, ctx: RequestContext, n: int, statuses: dict,
+                   results: dict) -> None:
         spec = view.spec
         t0 = time.perf_counter()
         detail = None
         try:
             async with asyncio.timeout(spec.timeout_ms / 1000.0):
-                res = await self.retrievers[spec.kind].retrieve(view, ctx, n)
+                res = await retriever.retrieve(view, ctx, n)
             status = "ok" if len(res.ids) else "empty"
             results[spec.name] = res
         except ChannelEmpty as exc:
@@ -408,7 +402,7 @@ class RecallService:
 def popularity_order(snap: Snapshot) -> np.ndarray:
     """Item indices, most popular first: the first published list channel's global list, then the rest by id."""
     for view in snap.views.values():
-        if view.spec.kind == "list" and view.lists:
+        if view.lists:  # a list channel's lists (held in the snapshot)
             ids = next(iter(view.lists.values()))[0] if "global" not in view.lists else view.lists["global"][0]
             ids = ids[(ids >= 0) & (ids < len(snap.item_ids))]
             rest = np.setdiff1d(np.arange(len(snap.item_ids)), ids, assume_unique=True)

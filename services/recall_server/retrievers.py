@@ -1,25 +1,33 @@
-"""One retriever per artifact kind (i2i, u2u, u2i, list), not one per model.
+"""One retriever per artifact kind (i2i, u2u, u2i, list), not one per model, all with one interface.
 
 Each turns a channel's published artifact plus the request's user state into ranked internal item
-indices through the same `common.retrieval` functions the evaluator uses.
+indices through the same `common.retrieval` functions the evaluator uses. The recall server dispatches
+through the table `RETRIEVERS` (kind → class) and the attributes of `Retriever`, never on kind names.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import orjson
 
 from common import kernels, retrieval
+from common.channel_config import ChannelSpec
 from common.features import UserState
 from common.keyspace import unpack_neighbors
-from common.merge import normalise
+from common.merge import REQUEST_SIZE, normalise
+from common.settings import Settings
 from services.recall_server.state import ChannelView, NeighborRecentCache, Snapshot, recent_indices
-from services.vector_server.client import VectorServerUnavailable
+from services.vector_server.client import VectorClient, VectorServerUnavailable
+
+log = logging.getLogger("recall_server")
 
 EMPTY = (retrieval.EMPTY_IDS, retrieval.EMPTY_SCORES)
 
@@ -99,30 +107,94 @@ class ListCache:
         return lists
 
 
-def i2i_artifact(view: ChannelView) -> tuple:
-    """List-cache key prefix of a channel's i2i lists (serve.per_anchor included: only that much is kept)."""
-    return ("i2i", view.store, view.spec.publisher, view.version, view.spec.serve.per_anchor)
+class Retriever:
+    """The serving side of one artifact kind: how many candidates it asks for, whether it answers inline from
+    memory, how it answers with I/O, how it starts, warms up and stops; the recall server reads nothing else."""
+
+    kind: ClassVar[str]
+    # the artifact is part of the serving snapshot (loaded once per version): it always answers inline, after
+    # the channels that need I/O have been started
+    in_snapshot: ClassVar[bool] = False
+    # answers users outside the trained population (no history; or real-time clicks only, by their categories)
+    cold_start: ClassVar[bool] = False
+    # every channel of the kind shares one call per request (`start_shared`); latency counts from its start
+    shared_call: ClassVar[bool] = False
+    # reads other users' recent items (the serving state warms them after a features version change)
+    neighbor_histories: ClassVar[bool] = False
+    # keeps unpacked lists in the ListCache, filled in the background after a version change (`warm_anchors`,
+    # `artifact`, `list_key`, `list_limit`)
+    cached_lists: ClassVar[bool] = False
+    # (quota, k, total quota) → candidates to ask for: the kind's rule in common.merge.REQUEST_SIZE, which the
+    # evaluator uses too
+    request_size: ClassVar[Callable[[int, int, int], int]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.request_size = staticmethod(REQUEST_SIZE[cls.kind])
+
+    def retrieve_cached(self, view: ChannelView, ctx: RequestContext, n: int) -> Result | None:
+        """The answer when everything it needs is in memory (no I/O, no task), else None."""
+        return None
+
+    async def retrieve(self, view: ChannelView, ctx: RequestContext, n: int) -> Result:
+        """The answer, reading what it needs."""
+        raise NotImplementedError
+
+    async def startup(self) -> None:
+        """Start background work (called once when the server starts)."""
+
+    async def warm_up(self) -> None:
+        """Open connections now rather than on the first request."""
+
+    async def shutdown(self) -> None:
+        """Stop background work and close connections."""
+
+    def warm_anchors(self, snap: Snapshot, popular: np.ndarray) -> np.ndarray | None:
+        """Anchors whose lists to load into the ListCache after a version change, likeliest first (popular: item
+        indices, most popular first); None: none."""
+        return None
+
+    def artifact(self, view: ChannelView) -> tuple:
+        """ListCache key prefix of a channel's lists."""
+        raise NotImplementedError
+
+    def list_key(self, view: ChannelView, anchor: Any) -> str:
+        """Redis key of an anchor's list."""
+        raise NotImplementedError
+
+    def list_limit(self, view: ChannelView) -> int | None:
+        """How much of a list the cache keeps (None: all)."""
+        return None
 
 
-def u2u_artifact(view: ChannelView) -> tuple:
-    """List-cache key prefix of a channel's u2u lists (anchors: external user ids)."""
-    return ("u2u", view.store, view.spec.publisher, view.version)
-
-
-class I2IRetriever:
+class I2IRetriever(Retriever):
     """Recent items → their neighbour lists (hot ones from memory, the rest in one MGET) → recency-weighted
     aggregation."""
 
     kind = "i2i"
+    cached_lists = True
 
     def __init__(self, astores, cache: ListCache):
         self.astores, self.ks, self.cache = astores, astores.keyspace, cache
+
+    def warm_anchors(self, snap: Snapshot, popular: np.ndarray) -> np.ndarray:
+        return popular
+
+    def artifact(self, view: ChannelView) -> tuple:
+        """ListCache key prefix of a channel's i2i lists (serve.per_anchor included: only that much is kept)."""
+        return (self.kind, view.store, view.spec.publisher, view.version, view.spec.serve.per_anchor)
+
+    def list_key(self, view: ChannelView, anchor: int) -> str:
+        return self.ks.i2i(view.store, view.spec.publisher, view.version, anchor)
+
+    def list_limit(self, view: ChannelView) -> int:
+        return view.spec.serve.per_anchor
 
     def _lookup(self, view: ChannelView, ctx: RequestContext) -> tuple[tuple, list[int], list[Neighbors | None]]:
         anchors = ctx.recent_idx[: view.spec.serve.recent_n].tolist()
         if not anchors:
             raise ChannelEmpty("no recent item known to the item id map")
-        artifact = i2i_artifact(view)
+        artifact = self.artifact(view)
         return artifact, anchors, self.cache.get_many(artifact, anchors)
 
     def _aggregate(self, view: ChannelView, ctx: RequestContext, lists: list[Neighbors], n: int) -> Result:
@@ -148,18 +220,30 @@ class I2IRetriever:
         return self._aggregate(view, ctx, found, n)
 
 
-class U2URetriever:
+class U2URetriever(Retriever):
     """The user's neighbour list → the neighbours' recent items (cached per features version) → aggregation."""
 
     kind = "u2u"
+    neighbor_histories = True
+    cached_lists = True
 
     def __init__(self, astores, cache: NeighborRecentCache, lists: ListCache):
         self.astores, self.ks, self.cache, self.lists = astores, astores.keyspace, cache, lists
 
+    def warm_anchors(self, snap: Snapshot, popular: np.ndarray) -> np.ndarray | None:
+        return snap.user_ids if snap.features_version else None  # the lists are useless without histories
+
+    def artifact(self, view: ChannelView) -> tuple:
+        """ListCache key prefix of a channel's u2u lists (anchors: external user ids)."""
+        return (self.kind, view.store, view.spec.publisher, view.version)
+
+    def list_key(self, view: ChannelView, anchor: str) -> str:
+        return self.ks.u2u(view.store, view.spec.publisher, view.version, anchor)
+
     def _artifact(self, view: ChannelView, ctx: RequestContext) -> tuple:
         if not ctx.snap.features_version:
             raise ChannelEmpty("no user features published (neighbours' histories unknown)")
-        return u2u_artifact(view)
+        return self.artifact(view)
 
     def _neighbours(self, view: ChannelView, ctx: RequestContext, value: Neighbors) -> tuple[np.ndarray, list[str]]:
         serve, snap = view.spec.serve, ctx.snap
@@ -191,8 +275,7 @@ class U2URetriever:
         artifact = self._artifact(view, ctx)
         (value,) = self.lists.get_many(artifact, [ctx.user_id])
         if value is None:
-            key = self.ks.u2u(view.store, view.spec.publisher, view.version, ctx.user_id)
-            (raw,) = await self.astores.reads(view.store).mget([key])
+            (raw,) = await self.astores.reads(view.store).mget([self.list_key(view, ctx.user_id)])
             value = self.lists.put(artifact, ctx.user_id, raw)
         sims, uids = self._neighbours(view, ctx, value)
         recents = await self.neighbor_recent(ctx.snap.features_version, uids, ctx.snap)
@@ -211,16 +294,42 @@ class U2URetriever:
         return found
 
 
-class VectorRetriever:
+class VectorRetriever(Retriever):
     """u2i through the vector server: every u2i channel of a request shares one POST /search/user call, which
     carries the user's recent items and attributes so the vector server reads nothing from Redis for a tower."""
 
     kind = "u2i"
+    shared_call = True
 
-    def __init__(self, client):
-        self.client = client
+    def __init__(self, settings: Settings, specs: Iterable[ChannelSpec]):
+        """`specs`: the enabled channels; with u2i channels among them, a client for their searches (HTTP, or
+        the search itself in this process with VECTOR_MODE=embedded), else none."""
+        timeouts = [s.timeout_ms for s in specs if s.kind == self.kind]
+        self.settings = settings
+        self.client = None  # VectorClient (HTTP to the vector server) or EmbeddedVectorSearch (in-process)
+        if timeouts and settings.vector_mode == "embedded":
+            from services.vector_server.embedded import EmbeddedVectorSearch
 
-    def start(self, ctx: RequestContext, sizes: dict[str, int]) -> None:
+            self.client = EmbeddedVectorSearch(settings)
+        elif timeouts:
+            self.client = VectorClient(settings.vector_url, timeout_s=max(timeouts) / 1000.0)
+
+    async def startup(self) -> None:
+        if self.settings.vector_mode == "embedded" and self.client is not None:
+            await self.client.start()
+
+    async def warm_up(self) -> None:
+        if self.client is not None and self.settings.vector_mode == "remote":
+            try:
+                await self.client.healthz(timeout_s=2.0)
+            except Exception as exc:
+                log.warning("vector server %s not reachable at start-up: %s", self.settings.vector_url, exc)
+
+    async def shutdown(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+
+    def start_shared(self, ctx: RequestContext, sizes: dict[str, int]) -> None:
         """Start the request's one vector-server call ({publisher: k}) as `ctx.vector_call`: already done when the
         search runs in this process and needs nothing from Redis (VECTOR_MODE=embedded), else a task."""
         # The vector server searches k + len(exclude) and drops the excluded items inside faiss: send the
@@ -294,12 +403,21 @@ async def new_user_categories(astores, fver: str | None, user: UserState, limit:
     return cats
 
 
-class ListRetriever:
+class ListRetriever(Retriever):
     """Non-personalised lists, served from memory (loaded once per version)."""
 
     kind = "list"
+    in_snapshot = True
+    cold_start = True
 
-    def retrieve_sync(self, view: ChannelView, ctx: RequestContext, n: int, rank_offset: float) -> Result:
+    def __init__(self, rank_offset: float):
+        self.rank_offset = rank_offset
+
+    async def retrieve(self, view: ChannelView, ctx: RequestContext, n: int) -> Result:
+        return self.retrieve_cached(view, ctx, n)
+
+    def retrieve_cached(self, view: ChannelView, ctx: RequestContext, n: int) -> Result:
+        """The answer, always from memory."""
         lists = view.lists or {}
         names = [x for x in view.spec.serve.lists if x in lists]
         if ctx.cold or is_new_user(ctx.user):  # outside the trained population: use what is known about them
@@ -309,7 +427,7 @@ class ListRetriever:
         if len(names) == 1:
             ids, scores = retrieval.retrieve_list(*lists[names[0]], n, ctx.exclude_idx, ranked=True)
         else:  # several lists (cold start): rank-normalise each so a small category list counts as much as global
-            parts = [(lists[x][0], normalise(lists[x][1], "rank", rank_offset)) for x in names]
+            parts = [(lists[x][0], normalise(lists[x][1], "rank", self.rank_offset)) for x in names]
             ids, scores = retrieval.aggregate(parts, np.ones(len(parts), np.float32), n, ctx.exclude_idx)
         return Result(ids, scores, view.version)
 
@@ -338,3 +456,7 @@ def is_new_user(user: UserState) -> bool:
     """True when the user has no batch history (only real-time events, or nothing at all)."""
     f = user.features
     return int(f.get("clicks", 0)) - int(f.get("realtime_clicks", 0)) <= 0
+
+
+RETRIEVERS: dict[str, type[Retriever]] = {cls.kind: cls for cls in (I2IRetriever, U2URetriever, VectorRetriever,
+                                                                    ListRetriever)}

@@ -11,8 +11,9 @@ import asyncio
 import gc
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
@@ -36,7 +37,7 @@ class ChannelView:
     version: str | None = None
     manifest: dict[str, Any] | None = None
     store: str | None = None  # Redis store holding this kind's artifact (from the manifest)
-    lists: dict[str, tuple[np.ndarray, np.ndarray]] | None = None  # kind 'list': every list, in rank_list order
+    lists: dict[str, tuple[np.ndarray, np.ndarray]] | None = None  # kinds held in the snapshot: every list, ranked
     unavailable: str | None = None  # why the channel cannot answer (not published, kind missing, ...)
 
 
@@ -94,14 +95,23 @@ class NeighborRecentCache:
         self._d[user_id] = arr
 
 
+class KindTraits(Protocol):
+    """What the serving state needs to know of an artifact kind (its retriever class, retrievers.RETRIEVERS)."""
+
+    in_snapshot: bool  # every list of a version is loaded into the snapshot when the version changes
+    neighbor_histories: bool  # reads other users' recent items: warm the neighbour cache per features version
+
+
 class ServingState:
     """Keeps `snapshot` current: polls `current` pointers and id-map sizes, loads what changed."""
 
-    def __init__(self, config: ChannelConfig, astores, poll_s: float = 1.0):
+    def __init__(self, config: ChannelConfig, astores, kinds: Mapping[str, KindTraits], poll_s: float = 1.0):
         self.config = config
         self.astores = astores
         self.ks: Keyspace = astores.keyspace
+        self.kinds = kinds
         self.enabled = config.enabled()
+        self._warm_neighbors_on_refill = any(kinds[c.kind].neighbor_histories for c in self.enabled)
         publishers = sorted({c.publisher for c in self.enabled})
         self.watched = [*publishers, FEATURES_CHANNEL]
         self.snapshot = Snapshot(versions={c: None for c in self.watched},
@@ -161,7 +171,7 @@ class ServingState:
         log.info("serving versions %s", {c: v for c, v in versions.items()})
         if self.on_snapshot is not None:
             self.on_snapshot(self.snapshot)
-        if refill and any(c.kind == "u2u" for c in self.enabled) and self.snapshot.features_version:
+        if refill and self._warm_neighbors_on_refill and self.snapshot.features_version:
             if self.warm_task is not None:
                 self.warm_task.cancel()
             self.warm_task = asyncio.create_task(self._warm_neighbors(self.snapshot))
@@ -207,7 +217,7 @@ class ServingState:
                                unavailable=f"{spec.publisher!r} {version} has no {spec.kind!r} artifact")
         store = stores.get(spec.kind)
         lists = None
-        if spec.kind == "list":
+        if self.kinds[spec.kind].in_snapshot:
             if key not in self._lists:
                 self._lists[key] = await self._load_lists(spec.publisher, version, manifest.get("lists", []))
             lists = self._lists[key]

@@ -1,8 +1,9 @@
 """The vector server's search running inside another process (the recall server's workers, VECTOR_MODE=embedded).
 
-Same code as the HTTP server (`VectorService`: version watching, hot swaps, towers, faiss), minus the HTTP hop:
-on small and medium catalogues that hop costs more CPU per request than the searches themselves. Each
-process that embeds it holds its own copy of every index (see docs/vector_server.md for when to choose it).
+Same search core as the HTTP server (`core.VectorService`: version watching, hot swaps, towers, faiss), minus
+the HTTP hop: on small and medium catalogues that hop costs more CPU per request than the searches themselves.
+Each process that embeds it holds its own copy of every index (see docs/vector_server.md for when to choose it).
+It never imports the FastAPI app (services/vector_server/app.py).
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from common.settings import Settings
-from services.vector_server.app import HTTPError, UserSearchRequest, VectorService, configure_threads
 from services.vector_server.client import VectorBadRequest, VectorServerUnavailable
+from services.vector_server.core import HTTPError, UserSearchRequest, VectorService, configure_threads
 
 
 class EmbeddedVectorSearch:

@@ -1,4 +1,5 @@
-"""Batch feature build: user and item feature records from a dataset, published as a new `features` version.
+"""Batch feature build (a nightly stage; `python -m trainer features` runs it alone): user and item feature
+records from a dataset, published as a new `features` version.
 
 Record formats are those of common/features.py. Everything per interaction is vectorised with pandas/numpy;
 the only Python loop builds one JSON record per user / item from precomputed arrays.
@@ -8,20 +9,24 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from common.keyspace import FEATURES_CHANNEL, pack_json
+from common.keyspace import FEATURES_CHANNEL, Keyspace, pack_json
 from common.publish import Publisher
 from common.redis_conn import RedisStores
+from common.redis_url import resolve_redis_url
 from common.settings import Settings
-from trainer.data.io import Dataset
+from trainer.data.errors import DataError
+from trainer.data.io import Dataset, load_dataset
 from trainer.data.split import dedupe_pairs, order_interactions
 
 log = logging.getLogger(__name__)
@@ -278,3 +283,20 @@ def publish_features(stores: RedisStores, dataset: Dataset, settings: Settings, 
     version = pub.commit(manifest, verify=verify)
     log.info("features version %s: %d users, %d items", version, counts["users"], counts["items"])
     return version
+
+
+def run_features_cli(data: Path, settings: Settings, progress: bool = True) -> int:
+    """`python -m trainer features`: build and publish features from DATA, print the version; the exit code."""
+    try:
+        url = resolve_redis_url(settings)
+        dataset = load_dataset(data)
+    except (RuntimeError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    stores = RedisStores(url, Keyspace.from_settings(settings))
+    try:
+        version = publish_features(stores, dataset, settings, progress=progress)
+    finally:
+        stores.close()
+    print(version)
+    return 0

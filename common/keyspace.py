@@ -131,7 +131,7 @@ class Keyspace:
         return self._k("user_emb", "uv", channel, version, user_id)
 
     def user_tower(self, channel: str, version: str) -> str:
-        """TorchScript user tower of an embedding channel (bytes)."""
+        """User tower of an embedding channel: state-dict bytes (common/towers; arch in the manifest)."""
         return self._k("item_emb", "tower", channel, version, "ts")
 
     def item_list(self, channel: str, version: str, name: str) -> str:

@@ -91,6 +91,56 @@ def retrieve_vector(user_vec: np.ndarray, item_vecs: np.ndarray, k: int,
     return top_k(np.arange(len(scores)), scores, k, exclude)
 
 
+def live_interests(user_vecs: np.ndarray, dim: int | None = None) -> np.ndarray:
+    """A user's interest vectors as [m, d] float32 rows, without the dead ones (all-zero, or not finite).
+
+    `user_vecs` is one vector [d], K interests [K, d] (or [1, K, d], or K·d flat floats with `dim`). Rows past
+    a user's interest count are zero, so this is also how a published count is applied."""
+    x = np.asarray(user_vecs, dtype=np.float32)
+    x = x.reshape(-1, dim if dim is not None else x.shape[-1])
+    keep = np.isfinite(x).all(axis=1) & (x != 0).any(axis=1)
+    return x if keep.all() else x[keep]
+
+
+def merge_interests(per_interest: list[tuple[np.ndarray, np.ndarray]], k: int,
+                    exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """K interests' search results → one list: each item's best score over the interests (so each item once),
+    `exclude` ids removed, top k by score descending, ties by ascending id.
+
+    Exact when each interest's list holds its top k + len(exclude) items: an item of the merged top k is
+    outranked in its best interest only by items that are excluded or also in the merged top k."""
+    if not per_interest:
+        return EMPTY_IDS, EMPTY_SCORES
+    ids = np.concatenate([np.asarray(r[0], np.int64) for r in per_interest])
+    scores = np.concatenate([np.asarray(r[1], np.float32) for r in per_interest])
+    ok = ids >= 0  # faiss pads short answers with -1
+    if not ok.all():
+        ids, scores = ids[ok], scores[ok]
+    order = np.lexsort((-scores, ids))  # by id, best score first
+    ids, scores = ids[order], scores[order]
+    first = np.ones(len(ids), bool)
+    first[1:] = ids[1:] != ids[:-1]
+    return top_k(ids[first], scores[first], k, exclude)
+
+
+def retrieve_vectors(user_vecs: np.ndarray, item_vecs: np.ndarray, k: int,
+                     exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """u2i for a user of one vector [d] or K interest vectors [K, d] by exact inner product: each live interest's
+    top k + len(exclude) items, merged by `merge_interests` (what the vector server does with faiss results).
+
+    One vector (a 1-D `user_vecs`, or a single row) is exactly `retrieve_vector`, a zero vector included."""
+    user_vecs = np.asarray(user_vecs, dtype=np.float32)
+    if user_vecs.ndim == 1 or user_vecs.reshape(-1, item_vecs.shape[1]).shape[0] == 1:
+        return retrieve_vector(user_vecs.reshape(-1), item_vecs, k, exclude)
+    live = live_interests(user_vecs, item_vecs.shape[1])
+    if not len(live):
+        return EMPTY_IDS, EMPTY_SCORES
+    deep = k + len(id_array(exclude))
+    scores = (item_vecs @ live.T).astype(np.float32)  # [n_items, m]
+    ids = np.arange(len(scores))
+    return merge_interests([top_k(ids, scores[:, j], deep) for j in range(len(live))], k, exclude)
+
+
 def rank_list(ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A list in serving order (score descending, ties by ascending id), as int64 ids and float32 scores."""
     ids, scores = np.asarray(ids, np.int64), np.asarray(scores, np.float32)
@@ -105,3 +155,29 @@ def retrieve_list(ids: np.ndarray, scores: np.ndarray, k: int, exclude: np.ndarr
     if ranked:
         return kernels.filter_kernel(ids, scores, sorted_ids(exclude), np.iinfo(np.int64).max, k)
     return top_k(np.asarray(ids, np.int64), np.asarray(scores, np.float32), k, exclude)
+
+
+def merge_interest_rows(owner: np.ndarray, ids: np.ndarray, scores: np.ndarray, n_rows: int,
+                        k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Batched `merge_interests` without exclusions: search results of many interests ([m, kk] ids, -1 padded,
+    and scores; `owner[j]` = the row, i.e. user, interest j belongs to) → each row's top k by best score per
+    item, ties by ascending id, as ([n_rows, k] int64 ids -1 padded, float32 scores)."""
+    kk = ids.shape[1] if ids.ndim == 2 else 0
+    row = np.repeat(np.asarray(owner, np.int64), kk)
+    ids, scores = np.asarray(ids, np.int64).ravel(), np.asarray(scores, np.float32).ravel()
+    ok = ids >= 0
+    row, ids, scores = row[ok], ids[ok], scores[ok]
+    order = np.lexsort((-scores, ids, row))  # per (row, item): best score first
+    row, ids, scores = row[order], ids[order], scores[order]
+    first = np.ones(len(ids), bool)
+    first[1:] = (ids[1:] != ids[:-1]) | (row[1:] != row[:-1])
+    row, ids, scores = row[first], ids[first], scores[first]
+    order = np.lexsort((ids, -scores.astype(np.float64), row))  # per row: score descending, ties by id
+    row, ids, scores = row[order], ids[order], scores[order]
+    rank = np.arange(len(row)) - np.searchsorted(row, row, side="left")
+    top = rank < k
+    out_ids = np.full((n_rows, k), -1, np.int64)
+    out_scores = np.zeros((n_rows, k), np.float32)
+    out_ids[row[top], rank[top]] = ids[top]
+    out_scores[row[top], rank[top]] = scores[top]
+    return out_ids, out_scores

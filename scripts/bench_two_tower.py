@@ -37,12 +37,12 @@ SECTION = "## Two-tower and item2vec ablations (ml-100k)"
 
 ABLATION: list[tuple[str, dict[str, Any]]] = [
     ("default", {}),
-    ("loss = pointwise (BCE 1:k, k=n_neg)", {"loss": "pointwise"}),
+    ("loss = pointwise (BCE 1:k, k=num_negatives)", {"loss": "pointwise"}),
     ("loss = pairwise hinge (m=0.2)", {"loss": "hinge"}),
     ("loss = pairwise logistic", {"loss": "logistic"}),
-    ("negatives = random ∝ count^0.75 (n_neg)", {"negatives": "random"}),
-    ("negatives = random, n_neg=1024", {"negatives": "random", "n_neg": 1024}),
-    ("negatives = mixed (in-batch + n_neg random)", {"negatives": "mixed"}),
+    ("negatives = random ∝ count^0.75 (num_negatives)", {"negatives": "random"}),
+    ("negatives = random, num_negatives=1024", {"negatives": "random", "num_negatives": 1024}),
+    ("negatives = mixed (in-batch + num_negatives random)", {"negatives": "mixed"}),
     ("negatives = hard (½ random, ½ model ranks 10–100)", {"negatives": "hard"}),
     ("negatives = full catalog softmax", {"negatives": "full"}),
     ("no logQ correction", {"logq": False}),
@@ -61,8 +61,8 @@ ABLATION: list[tuple[str, dict[str, Any]]] = [
     ("no user-id dropout", {"user_id_dropout": 0.0}),
     ("recent_n = 20", {"recent_n": 20}),
 ]
-REDUCED = {"default", "loss = pointwise (BCE 1:k, k=n_neg)", "loss = pairwise hinge (m=0.2)",
-           "loss = pairwise logistic", "negatives = random ∝ count^0.75 (n_neg)", "negatives = hard (½ random, ½ model ranks 10–100)",
+REDUCED = {"default", "loss = pointwise (BCE 1:k, k=num_negatives)", "loss = pairwise hinge (m=0.2)",
+           "loss = pairwise logistic", "negatives = random ∝ count^0.75 (num_negatives)", "negatives = hard (½ random, ½ model ranks 10–100)",
            "no logQ correction", "SENet on", "τ = 0.02", "τ = 0.2"}
 
 I2V_SERVE = {"recent_n": 20, "recency_decay": 0.8, "per_anchor": 200}  # recommended serve settings
@@ -71,7 +71,7 @@ I2V_VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("item2vec defaults, default serve (20 anchors, decay 0.9, 100 per anchor)", {}),
     ("… whole history as one sentence (no session split)", {"session_gap_s": None, "serve": I2V_SERVE}),
     ("… word2vec defaults (window 5, dim 64)", {"window": 5, "dim": 64, "serve": I2V_SERVE}),
-    ("… negative 10 (3× the fit time)", {"negative": 10, "serve": I2V_SERVE}),
+    ("… negative 10 (3× the fit time)", {"num_negatives": 10, "serve": I2V_SERVE}),
     ("… no frequent-item subsampling", {"sample": 0.0, "serve": I2V_SERVE}),
 ]
 
@@ -98,11 +98,11 @@ I2V_TUNE_GRID: list[dict[str, Any]] = [
     {"window": 10}, {"window": 20}, {"window": 50},
     {"session_gap_s": None},
     {"sample": 0.0}, {"sample": 1e-4},
-    {"negative": 5}, {"negative": 20},
-    {"ns_exponent": 0.5}, {"ns_exponent": 1.0}, {"ns_exponent": -0.5},
+    {"num_negatives": 5}, {"num_negatives": 20},
+    {"negatives_power": 0.5}, {"negatives_power": 1.0}, {"negatives_power": -0.5},
     {"epochs": 5}, {"epochs": 30},
     {"dim": 32}, {"dim": 128},
-    {"alpha": 0.05}, {"alpha": 0.01},
+    {"lr": 0.05}, {"lr": 0.01},
 ]
 
 
@@ -248,7 +248,7 @@ def main(data_dir: Path = typer.Option(DEFAULT_DATA, help="dataset directory (ml
             f"{time.strftime('%Y-%m-%d')} on {platform.machine()} with {os.cpu_count()} vCPUs shared with other jobs, "
             f"{(time.time() - t_start) / 60:.0f} min in all"
             f"{f' ({len(reused)} row-splits reused from an earlier run of the same code)' if reused else ''}. calib_s {calib0:.2f} → {calib1:.2f}, 1-min load "
-            f"{load0:.1f} → {load1:.1f}; fit s = fit + artifact build (user vectors, TorchScript export), "
+            f"{load0:.1f} → {load1:.1f}; fit s = fit + artifact build (user vectors, user-tower export), "
             f"single-thread torch, and noisy (PROTOCOL §6).")
     if write_docs:
         write_section(docs, render(rows, i2v_rows, note))

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import re
@@ -40,6 +39,8 @@ from common.local_redis import LocalRedis, free_port  # noqa: E402
 from common.publish import read_manifest  # noqa: E402
 from common.redis_conn import RedisStores  # noqa: E402
 from common.settings import Settings  # noqa: E402
+from common.towers import export_tower, input_meta  # noqa: E402
+from common.towers.two_tower_user import UserTower  # noqa: E402
 from services.vector_server.index import build_index, read_item_vectors, search_ef  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,26 +149,18 @@ def synthetic_catalogue(n: int, d: int = 64, n_clusters: int = 1000, n_queries: 
 
 # -- latency ------------------------------------------------------------------------------------------------
 
-class BenchTower(torch.nn.Module):
-    """A two-tower-shaped user tower: mean of recent item embeddings + user/attribute embeddings through an MLP."""
-
-    def __init__(self, items: np.ndarray, n_users: int, n_attr: int = 8, hidden: int = 128, seed: int = 42):
-        super().__init__()
-        torch.manual_seed(seed)
-        n, d = items.shape
-        emb = torch.zeros(n + 1, d)
-        emb[:n] = torch.from_numpy(items)
-        self.n_items = n
-        self.item_emb = torch.nn.Embedding.from_pretrained(emb, freeze=True)
-        self.user_emb = torch.nn.Embedding(n_users + 1, d)
-        self.attr_emb = torch.nn.Embedding(n_attr, d)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(3 * d, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, d))
-
-    def forward(self, user_idx: torch.Tensor, attrs: torch.Tensor, recent: torch.Tensor) -> torch.Tensor:
-        mask = (recent < self.n_items).to(torch.float32).unsqueeze(-1)
-        rec = (self.item_emb(recent) * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-        x = torch.cat([self.user_emb(user_idx) * 0.01, self.attr_emb(attrs).sum(1) * 0.01, rec], dim=1)
-        return rec + 0.05 * self.mlp(x)
+def bench_tower(items: np.ndarray, n_users: int, n_attr_codes: int = 8, hidden: int = 128,
+                seed: int = 42) -> UserTower:
+    """The two-tower channel's user tower (arch "two_tower_user", served by its numpy twin like the real channel's)
+    with the catalogue's vectors as item embeddings and random other weights."""
+    torch.manual_seed(seed)
+    n, d = items.shape
+    tower = UserTower(n_users, n, [n_attr_codes], emb_dim=d, out_dim=d, hidden=[hidden], dropout=0.0, senet=False,
+                      use_user_id=True, recent_last=True)
+    with torch.no_grad():
+        tower.item_emb.weight[:n] = torch.from_numpy(items)
+        tower.item_emb.weight[n].zero_()
+    return tower.eval()
 
 
 def publish_bench(stores: RedisStores, items: np.ndarray, n_users: int, recent_n: int, artifacts_dir: Path,
@@ -182,16 +175,14 @@ def publish_bench(stores: RedisStores, items: np.ndarray, n_users: int, recent_n
     item_ids, user_ids = [str(i) for i in range(n)], [f"u{j}" for j in range(n_users)]
     recent = rng.integers(0, n, (n_users, recent_n))
     users = items[recent].mean(1).astype(np.float32)
-    buf = io.BytesIO()
-    torch.jit.save(torch.jit.script(BenchTower(items, n_users).eval()), buf)
-    meta = {"n_users": n_users, "n_items": n, "recent_n": recent_n, "attr_columns": ["segment"],
-            "attr_vocab": {"segment": {str(s): s + 1 for s in range(7)}}}
+    blob, meta = export_tower(bench_tower(items, n_users), input_meta(
+        n_users, n, recent_n, ["segment"], {"segment": {str(s): s + 1 for s in range(7)}}))
     empty = np.empty(0, np.int32)
     data = TrainData(IdMap(user_ids), IdMap(item_ids), empty, empty, np.empty(0, np.int64))
     cfg = load_config(config_path)
     versions = {
         "bench_tower": publish_channel(stores, cfg.get("bench_tower"), {"u2i": VectorArtifact(
-            items, users, user_tower=buf.getvalue(), user_tower_meta=meta)}, data, artifacts_dir, progress=False),
+            items, users, user_tower=blob, user_tower_meta=meta)}, data, artifacts_dir, progress=False),
         "bench_pre": publish_channel(stores, cfg.get("bench_pre"), {"u2i": VectorArtifact(items, users)}, data,
                                      artifacts_dir, progress=False),
     }

@@ -34,7 +34,7 @@ SERVE = {
 START = {
     "itemcf": ({"window": None, "position_decay": 1.0, "backward_weight": 1.0, "category_weight": 1.0},
                {"recent_n": 20, "recency_decay": 0.9, "per_anchor": 100}),
-    "usercf": ({"k": 50, "normalization": "power", "beta": 0.5, "max_history": 200},
+    "usercf": ({"top_k": 50, "normalization": "power", "beta": 0.5, "max_history": 200},
                {"per_anchor": 50, "neighbor_items": 30}),
 }
 # Staged grid: each stage searches its axes around the best configuration of the previous stages.
@@ -53,14 +53,14 @@ STAGES = {
     ],
     "usercf": [
         {"params": {"normalization": ["power", "cosine"], "beta": [0.3, 0.5, 0.7, 0.9], "max_history": [20, 50, 200],
-                    "k": [200]}},
+                    "top_k": [200]}},
         {"params": {"max_history": [10, 20, 30, 50, 100]}},
         {"serve": {"per_anchor": [20, 50, 100, 200], "neighbor_items": [5, 10, 20, 30, 50, 100]}},
     ],
 }
 # All extra weights off, every neighbour kept: PROTOCOL.md's reference ItemCF.
 REFERENCE_ITEMCF = {"alpha": 0.5, "max_history": None, "window": None, "position_decay": 1.0, "time_decay_s": None,
-                    "forward_weight": 1.0, "backward_weight": 1.0, "category_weight": 1.0, "k": 2000}
+                    "forward_weight": 1.0, "backward_weight": 1.0, "category_weight": 1.0, "top_k": 2000}
 KIND = {"itemcf": "i2i", "usercf": "u2u", "popular": "list"}
 
 

@@ -65,8 +65,8 @@ TINY_CONFIG = """
 default_k: 50
 channels:
   popular: {kind: list, model: popular, weight: 0.3, quota: 30}
-  itemcf: {kind: i2i, model: itemcf, quota: 60, params: {k: 50}}
-  mf: {kind: u2i, model: mf, quota: 60, timeout_ms: 1000, params: {factors: 16, iterations: 5}}
+  itemcf: {kind: i2i, model: itemcf, quota: 60, params: {top_k: 50}}
+  mf: {kind: u2i, model: mf, quota: 60, timeout_ms: 1000, params: {dim: 16, epochs: 5}}
   mf_i2i: {kind: i2i, from: mf, weight: 0.3, quota: 30}
 """
 

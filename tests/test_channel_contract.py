@@ -1,271 +1,94 @@
-"""The channel contract, run for EVERY model found by the registry (new channels are picked up automatically),
-in the spirit of implicit's RecommenderBaseTestMixin:
+"""The channel contract (tests/channel_contract.py), run for EVERY model found by the registry: a new channel is
+picked up automatically, with the generic small settings unless CONTRACT_PARAMS names its own.
 
-fit on a small planted log → artifacts of the declared kinds and shapes → publish into a real Redis →
-read back through the keyspace (current → manifest → keys) equal to the in-memory artifacts → answer a
-known user (non-empty, no seen items) and a cold user (no crash; list channels still answer) →
-deterministic with seed 42 → a second publish flips `current` atomically, the first stays readable until GC.
+A model's own test file may also subclass `ChannelContract` directly (e.g. with other params); the classes here
+are built only for the registry's models, and one more, `TestTwoInterestContract`, runs the contract on a
+planted embedding model with two interest vectors per user ([n_users, 2, d] user vectors).
 """
 
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
-import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from common.channel_config import ChannelSpec, ServeParams
-from common.ids import IdMap, sort_ids
-from common.keyspace import unpack_json, unpack_neighbors, unpack_vector
-from common.publish import collect_garbage, current_version, read_manifest
+from tests.channel_contract import ChannelContract, planted_data
 from trainer.channels import registry
-from trainer.channels.base import ListArtifact, NeighborArtifact, VectorArtifact
+from trainer.channels.embedding import EmbeddingChannel
 from trainer.data.train_data import TrainData
-from trainer.publishing import nn_store, publish_channel
 
 MODELS = sorted(registry.models())
 
-# Small, fast settings. Generic hints are applied to any model whose Params has a field of that name (and
-# accepts the value); per-model entries win. Unknown future models get the hints that fit, else {}.
-SMALL_HINTS = {"factors": 8, "dim": 8, "emb_dim": 8, "hidden": [16], "iterations": 3, "epochs": 2, "n_neg": 8,
-               "num_threads": 1, "workers": 1, "i2i_k": 20, "u2u_k": 20, "top_k": 20}
-SMALL_BY_MODEL: dict[str, dict] = {
-    "itemcf": {"k": 20, "position_decay": 0.9, "backward_weight": 0.7, "category_weight": 1.2},
-    "usercf": {"k": 20, "region_weight": 1.5},
-    "popular": {"size": 30},
+# Per-model small settings (the rest get channel_contract.small_params).
+CONTRACT_PARAMS: dict[str, dict] = {
+    "mf": {"dim": 8, "epochs": 3, "num_threads": 1, "top_k": 20},
+    "item2vec": {"dim": 8, "epochs": 2, "workers": 1, "top_k": 20},
+    "itemcf": {"top_k": 20, "position_decay": 0.9, "backward_weight": 0.7, "category_weight": 1.2},
+    "usercf": {"top_k": 20, "region_weight": 1.5},
+    "popular": {"top_k": 30},
 }
 # Models whose two seeded fits may differ slightly (e.g. multi-threaded training), with the allowed
 # absolute tolerance on scores/vectors. Everything else must be bit-identical.
 APPROX: dict[str, float] = {}
 
-N_USERS, N_ITEMS, N_CLUSTERS = 60, 40, 4
-COLD = "zz_cold"  # a registered user without any interaction
-KNOWN = "u00"
+
+def _class_name(model: str) -> str:
+    return "Test" + "".join(part.title() for part in model.split("_")) + "Contract"
 
 
-def small_params(model: str) -> dict:
-    params_cls = registry.models()[model].Params
-    params: dict = {}
-    for key, value in SMALL_HINTS.items():
-        if key in params_cls.model_fields:
-            try:
-                params_cls(**{**params, key: value})
-            except ValidationError:
-                continue
-            params[key] = value
-    return {**params, **SMALL_BY_MODEL.get(model, {})}
+for _model in MODELS:
+    globals()[_class_name(_model)] = type(_class_name(_model), (ChannelContract,), {
+        "model": _model, "params": CONTRACT_PARAMS.get(_model), "approx": APPROX.get(_model),
+        "__doc__": f"The channel contract for model {_model!r}."})
 
 
-def planted_data() -> TrainData:
-    """60 users in 4 clusters; each clicks 7 items of its cluster's 10 plus 1 other, a minute apart."""
-    rng = np.random.default_rng(0)
-    rows = []
-    for u in range(N_USERS):
-        c = u % N_CLUSTERS
-        own = rng.choice(10, size=7, replace=False) + 10 * c
-        other = rng.choice(np.flatnonzero(np.arange(N_ITEMS) // 10 != c), size=1)
-        for p, i in enumerate(rng.permutation(np.concatenate([own, other]))):
-            rows.append((f"u{u:02d}", f"i{i:02d}", 1_700_000_000 + 1000 * u + 60 * p, float(rng.integers(1, 6)),
-                         ["app", "web"][p % 2], f"r{c}"))
-    df = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "rating", "environment", "region"])
-    user_ids = [f"u{u:02d}" for u in range(N_USERS)] + [COLD]
-    users = pd.DataFrame({"age": [20 + u % 40 for u in range(N_USERS + 1)],
-                          "gender": ["M", "F"] * ((N_USERS + 1) // 2) + ["M"],
-                          "region": [f"r{u % N_CLUSTERS}" for u in range(N_USERS + 1)]}, index=user_ids)
-    items = pd.DataFrame({"category": [f"c{i // 10}" for i in range(N_ITEMS)],
-                          "created_at_ts": [1_690_000_000 + 3600 * i for i in range(N_ITEMS)]},
-                         index=[f"i{i:02d}" for i in range(N_ITEMS)])
-    return TrainData.from_frame(df, users, items, user_map=IdMap(sort_ids(user_ids)))
+class PlantedInterestsParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    top_k: int = 20
 
 
-@pytest.fixture(scope="module")
-def data() -> TrainData:
-    return planted_data()
+class PlantedInterests(EmbeddingChannel):
+    """A test model with K = 2 interests per user: its own cluster's direction and (scaled by 0.9) the next
+    cluster's; users with fewer than 8 clicks get one live interest. Not in the registry (empty `model`)."""
+
+    model = ""
+    kinds = ("u2i", "i2i")
+    Params = PlantedInterestsParams
+
+    def fit(self, data: TrainData, progress: bool = False) -> None:
+        cluster = np.array([int(x[1:]) // 10 for x in data.item_map.ids])
+        eye = np.eye(4, dtype=np.float32)
+        self.item_vectors = eye[cluster] + 0.01 * np.arange(data.n_items, dtype=np.float32)[:, None] / data.n_items
+        self.user_vectors = np.zeros((data.n_users, 2, 4), np.float32)
+        self.interest_counts = np.zeros(data.n_users, np.int32)
+        for u in range(data.n_users):
+            items, _ = data.history(u)
+            if len(items):
+                main = int(np.bincount(cluster[items], minlength=4).argmax())
+                self.user_vectors[u, 0] = eye[main]
+                self.user_vectors[u, 1] = 0.9 * eye[(main + 1) % 4]
+                self.interest_counts[u] = 2 if len(items) >= 8 else 1
 
 
-@pytest.fixture(scope="module")
-def fits(data):
-    """Cache: (model, run) → fitted channel; run 0 and 1 are two independent fits with seed 42."""
-    cache = {}
-
-    def get(model: str, run: int = 0):
-        if (model, run) not in cache:
-            cls = registry.models()[model]
-            spec = ChannelSpec(name=f"c_{model}"[:40], kind=cls.kinds[0], model=model, params=small_params(model))
-            ch = registry.build(spec, seed=42)
-            ch.fit(data)
-            cache[(model, run)] = ch
-        return cache[(model, run)]
-    return get
+class TestTwoInterestContract(ChannelContract):
+    model = "planted_interests"
+    channel_class = PlantedInterests
+    params = {}
 
 
 def test_registry_finds_the_classic_channels():
-    assert {"itemcf", "usercf", "popular"} <= set(MODELS)
+    assert {"itemcf", "usercf", "popular", "mf", "item2vec"} <= set(MODELS)
+    for model in MODELS:
+        assert issubclass(globals()[_class_name(model)], ChannelContract)
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_params_forbid_unknown_keys(model):
-    cls = registry.models()[model]
-    assert cls.kinds and set(cls.kinds) <= {"i2i", "u2u", "u2i", "list"}
-    cls.Params(**small_params(model))
-    with pytest.raises(ValidationError):
-        cls.Params(no_such_param_xyz=1)
-
-
-@pytest.mark.parametrize("model", MODELS)
-def test_artifacts_have_the_declared_kinds_and_shapes(model, data, fits):
-    ch = fits(model)
-    arts = ch.artifacts(data)
-    assert set(arts) == set(type(ch).kinds)
-    for kind, art in arts.items():
-        if kind in ("i2i", "u2u"):
-            assert isinstance(art, NeighborArtifact)
-            n = data.n_items if kind == "i2i" else data.n_users
-            assert art.neighbors.shape[0] == n and art.neighbors.shape == art.scores.shape
-            nb, sc = art.neighbors, art.scores
-            assert ((nb >= -1) & (nb < n)).all()
-            assert (nb >= 0).any()
-            valid = nb >= 0
-            assert not (~valid[:, :-1] & valid[:, 1:]).any(), "-1 padding must be trailing"
-            assert not (nb == np.arange(n)[:, None]).any(), "an entity is not its own neighbour"
-            both = valid[:, 1:] & valid[:, :-1]
-            assert (sc[:, 1:][both] <= sc[:, :-1][both] + 1e-6).all(), "scores sorted descending"
-            for r in range(n):  # no duplicate neighbours
-                row = nb[r][nb[r] >= 0]
-                assert len(np.unique(row)) == len(row)
-        elif kind == "u2i":
-            assert isinstance(art, VectorArtifact)
-            assert art.item_vectors.shape[0] == data.n_items and art.user_vectors.shape[0] == data.n_users
-            assert art.item_vectors.shape[1] == art.user_vectors.shape[1]
-            assert np.isfinite(art.item_vectors).all() and np.isfinite(art.user_vectors).all()
-        else:
-            assert isinstance(art, ListArtifact) and art.lists
-            for ids, sc in art.lists.values():
-                assert len(ids) == len(sc) > 0 and ((ids >= 0) & (ids < data.n_items)).all()
-                assert len(np.unique(ids)) == len(ids)
-
-
-def _check_readback(stores, spec, ver: str, arts, data) -> None:
-    """Every published key decodes to exactly the in-memory artifact."""
-    ks, name = stores.keyspace, spec.name
-    manifest = read_manifest(stores, name, ver)
-    assert manifest is not None and manifest["version"] == ver
-    assert manifest["kinds"] == sorted(arts)
-    for kind, art in arts.items():
-        store = manifest["stores"][kind]
-        if isinstance(art, NeighborArtifact):
-            assert store == nn_store(spec, kind)
-            client, n_rows, n_keys = stores(store), art.neighbors.shape[0], 0
-            keys = [ks.i2i(store, name, ver, r) if kind == "i2i" else ks.u2u(store, name, ver, data.user_map.ids[r])
-                    for r in range(n_rows)]
-            for r, value in enumerate(client.mget(keys)):
-                keep = art.neighbors[r] >= 0
-                if not keep.any():
-                    assert value is None
-                    continue
-                n_keys += 1
-                ids, sc = unpack_neighbors(value)
-                np.testing.assert_array_equal(ids, art.neighbors[r][keep])
-                np.testing.assert_array_equal(sc, art.scores[r][keep].astype(np.float32))
-            assert manifest["counts"][kind] == n_keys > 0
-        elif isinstance(art, VectorArtifact):
-            items = stores("item_emb").mget([ks.item_vector(name, ver, i) for i in range(data.n_items)])
-            users = stores("user_emb").mget([ks.user_vector(name, ver, u) for u in data.user_map.ids])
-            np.testing.assert_array_equal(np.stack([unpack_vector(v) for v in items]),
-                                          art.item_vectors.astype(np.float32))
-            np.testing.assert_array_equal(np.stack([unpack_vector(v) for v in users]),
-                                          art.user_vectors.astype(np.float32))
-            if art.user_tower is not None:
-                assert stores("item_emb").get(ks.user_tower(name, ver)) == art.user_tower
-        else:
-            assert manifest["lists"] == sorted(art.lists)
-            for ln, (ids, sc) in art.lists.items():
-                got_ids, got_sc = unpack_neighbors(stores("lists").get(ks.item_list(name, ver, ln)))
-                np.testing.assert_array_equal(got_ids, ids)
-                np.testing.assert_array_equal(got_sc, np.asarray(sc, np.float32))
-
-
-@pytest.mark.parametrize("model", MODELS)
-def test_publish_and_read_back_through_the_keyspace(model, data, fits, stores, settings):
-    ch = fits(model)
-    arts = ch.artifacts(data)
-    ver = publish_channel(stores, ch.spec, arts, data, settings.artifacts_dir, progress=False)
-    assert current_version(stores, ch.spec.name) == ver
-    assert unpack_json(stores("meta").get(stores.keyspace.manifest(ch.spec.name, ver)))["model"] == model
-    assert (settings.artifacts_dir / ch.spec.name / ver / "manifest.json").exists()
-    _check_readback(stores, ch.spec, ver, arts, data)
-
-
-def _serve_for(art, kind: str) -> ServeParams:
-    if kind == "list":
-        return ServeParams(lists=["global"] if "global" in art.lists else [sorted(art.lists)[0]])
-    return ServeParams(recent_n=5, per_anchor=20, neighbor_items=10)
-
-
-@pytest.mark.parametrize("model", MODELS)
-def test_answers_known_and_cold_users(model, data, fits):
-    ch = fits(model)
-    known, cold = data.user_map.get(KNOWN), data.user_map.get(COLD)
-    assert len(data.history(cold)[0]) == 0
-    seen = set(data.history(known)[0].tolist())
-    for kind, art in ch.artifacts(data).items():
-        serve = _serve_for(art, kind)
-        (ids, scores), = ch.recommend(data, np.array([known]), k=10, kind=kind, serve=serve)
-        assert len(ids) > 0, f"{model}/{kind}: no answer for a known user"
-        assert not seen & set(ids.tolist()), f"{model}/{kind}: recommended seen items"
-        assert len(set(ids.tolist())) == len(ids) and ((ids >= 0) & (ids < data.n_items)).all()
-        assert (np.diff(scores) <= 1e-6).all()
-        (cids, _), = ch.recommend(data, np.array([cold]), k=10, kind=kind, serve=serve)
-        assert len(set(cids.tolist())) == len(cids) and ((cids >= 0) & (cids < data.n_items)).all()
-        if kind == "list":
-            assert len(cids) == min(10, len(art.lists[serve.lists[0]][0])), "list channels answer cold users"
-        elif kind == "i2i":
-            assert len(cids) == 0  # no history, no anchors
-        # u2u/u2i may answer a cold user (e.g. from attributes) or not; either way without crashing
-
-
-@pytest.mark.parametrize("model", MODELS)
-def test_deterministic_with_seed(model, data, fits):
-    first, second = fits(model, 0).artifacts(data), fits(model, 1).artifacts(data)
-    tol = APPROX.get(model)
-    assert set(first) == set(second)
-
-    def same(a, b):
-        if tol is None:
-            np.testing.assert_array_equal(a, b)
-        else:
-            np.testing.assert_allclose(a, b, atol=tol)
-
-    for kind, a in first.items():
-        b = second[kind]
-        if isinstance(a, NeighborArtifact):
-            if tol is None:
-                np.testing.assert_array_equal(a.neighbors, b.neighbors)
-            same(a.scores, b.scores)
-        elif isinstance(a, VectorArtifact):
-            same(a.item_vectors, b.item_vectors)
-            same(a.user_vectors, b.user_vectors)
-        else:
-            assert a.lists.keys() == b.lists.keys()
-            for ln in a.lists:
-                np.testing.assert_array_equal(a.lists[ln][0], b.lists[ln][0])
-                same(a.lists[ln][1], b.lists[ln][1])
-
-
-@pytest.mark.parametrize("model", MODELS)
-def test_second_publish_flips_current_and_first_stays_until_gc(model, data, fits, stores, settings):
-    ch = fits(model)
-    arts, name = ch.artifacts(data), ch.spec.name
-    v1 = publish_channel(stores, ch.spec, arts, data, settings.artifacts_dir, progress=False)
-    v2 = publish_channel(stores, ch.spec, arts, data, settings.artifacts_dir, progress=False)
-    assert v1 != v2 and v2 > v1
-    assert current_version(stores, name) == v2
-    _check_readback(stores, ch.spec, v1, arts, data)  # still fully readable in its grace period
-    _check_readback(stores, ch.spec, v2, arts, data)
-    assert collect_garbage(stores, name, grace_s=0, keep=1) == [v1]
-    assert read_manifest(stores, name, v1) is None
-    for store in read_manifest(stores, name, v2)["stores_used"]:
-        pattern = stores.keyspace.version_pattern(store, name, v1)
-        assert not list(stores(store).scan_iter(match=pattern)), f"{store} still holds {v1} keys"
-    assert current_version(stores, name) == v2
-    _check_readback(stores, ch.spec, v2, arts, data)
+def test_two_interest_model_answers_from_both_interests():
+    data = planted_data()
+    ch = TestTwoInterestContract.build()
+    ch.fit(data)
+    art = ch.artifacts(data)["u2i"]
+    assert art.n_interests == 2 and art.user_vectors.shape == (data.n_users, 2, 4)
+    cluster = np.array([int(x[1:]) // 10 for x in data.item_map.ids])
+    u = data.user_map.get("u00")  # cluster 0 and 8 clicks: both interests live
+    assert ch.interest_counts[u] == 2
+    (ids, _), = ch.recommend(data, np.array([u]), k=10, kind="u2i")
+    assert {0, 1} <= set(cluster[ids].tolist())

@@ -18,7 +18,7 @@ BASE = {
     "channels": {
         "popular": {"kind": "list", "model": "popular", "weight": 0.3, "quota": 100},
         "itemcf": {"kind": "i2i", "model": "itemcf", "weight": 1.0, "quota": 200, "serve": {"recent_n": 20}},
-        "mf": {"kind": "u2i", "model": "mf", "weight": 1.0, "quota": 200, "params": {"factors": 16}},
+        "mf": {"kind": "u2i", "model": "mf", "weight": 1.0, "quota": 200, "params": {"dim": 16}},
         "mf_i2i": {"kind": "i2i", "from": "mf", "weight": 0.3, "quota": 100},
     },
 }
@@ -73,6 +73,45 @@ def test_unknown_keys_name_channel_and_key(channel, entry, key):
     fails(config_with(channel, **entry), f"channel {channel!r}", key)
 
 
+RENAMED = [  # (model, kind, old name, new name): one vocabulary across models (trainer/channels/base.py)
+    ("mf", "u2i", "factors", "dim"), ("mf", "u2i", "regularization", "reg"), ("mf", "u2i", "iterations", "epochs"),
+    ("mf", "u2i", "negatives", "num_negatives"), ("mf", "u2i", "bias_regularization", "bias_reg"),
+    ("mf", "u2i", "i2i_k", "top_k"),
+    ("item2vec", "i2i", "negative", "num_negatives"), ("item2vec", "i2i", "alpha", "lr"),
+    ("item2vec", "i2i", "ns_exponent", "negatives_power"),
+    ("itemcf", "i2i", "k", "top_k"), ("usercf", "u2u", "k", "top_k"), ("popular", "list", "size", "top_k"),
+]
+
+
+@pytest.mark.parametrize("model,kind,old,new", RENAMED, ids=[f"{m}.{o}" for m, _, o, _ in RENAMED])
+def test_renamed_params_fail_at_load_naming_the_new_name(model, kind, old, new, tmp_path):
+    msg = fails(config_with("chan", kind=kind, model=model, params={old: 1}), "channel 'chan'",
+                f"key 'params.{old}'", f"renamed to {new!r}")
+    assert model in msg
+    registry.models()[model].Params(**{new: 1} if new != "negatives_power" else {new: 0.5})  # the new name works
+    path = tmp_path / "old.yaml"  # and through the file loader the nightly job and the evaluator use
+    path.write_text(yaml.safe_dump(config_with("chan", kind=kind, model=model, params={old: 1})))
+    with pytest.raises(ConfigError, match=rf"old\.yaml.*channel 'chan', key 'params\.{old}'.*{new}"):
+        registry.validate_params(load_config(path), str(path))
+
+
+def test_renamed_params_fail_when_a_channel_is_built_directly():
+    from common.channel_config import ChannelSpec
+    from trainer.channels.base import RenamedParamError
+
+    with pytest.raises(RenamedParamError, match="params.i2i_k: renamed to 'top_k'"):
+        registry.build(ChannelSpec(name="mf", kind="u2i", model="mf", params={"i2i_k": 10}))
+
+
+def test_every_renamed_target_is_in_the_vocabulary():
+    from trainer.channels.base import VOCABULARY
+
+    for model, cls in registry.models().items():
+        for old, new in cls.renamed.items():
+            assert new in VOCABULARY and new in cls.Params.model_fields, (model, old, new)
+            assert old not in cls.Params.model_fields, (model, old)
+
+
 def test_unknown_top_level_and_merge_keys():
     raw = config_with()
     raw["merge"]["normalise"] = "rank"
@@ -88,7 +127,7 @@ def test_unknown_top_level_and_merge_keys():
     ("itemcf", {"timeout_ms": "fast"}, "timeout_ms"),
     ("itemcf", {"serve": {"recency_decay": 2.0}}, "serve.recency_decay"),
     ("itemcf", {"kind": "x2y"}, "kind"),
-    ("mf", {"params": {"factors": -3}}, "params.factors"),
+    ("mf", {"params": {"dim": -3}}, "params.dim"),
     ("itemcf", {"params": {"alpha": 7}}, "params.alpha"),
     ("popular", {"enabled": "maybe"}, "enabled"),
 ])
@@ -120,7 +159,7 @@ def test_bad_from():
     fails(config_with("x_i2i", kind="i2i", **{"from": "nosuch"}), "channel 'x_i2i'", "key 'from'", "nosuch")
     fails(config_with("y_i2i", kind="i2i", **{"from": "mf_i2i"}), "channel 'y_i2i'", "key 'from'",
           "itself a 'from' channel")
-    fails(config_with("z_i2i", kind="i2i", **{"from": "mf"}, params={"factors": 8}), "channel 'z_i2i'",
+    fails(config_with("z_i2i", kind="i2i", **{"from": "mf"}, params={"dim": 8}), "channel 'z_i2i'",
           "'params' belong to the source")
     fails(config_with("w_i2i", kind="i2i", model="itemcf", **{"from": "mf"}), "channel 'w_i2i'", "exactly one")
     fails(config_with("v_i2i", kind="i2i"), "channel 'v_i2i'", "exactly one")

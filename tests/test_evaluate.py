@@ -50,9 +50,9 @@ CONFIG = {
     "merge": {"normalize": "rank", "rank_offset": 20},
     "channels": {
         "popular": {"kind": "list", "model": "popular", "weight": 0.4, "quota": 2,
-                    "params": {"size": 2000, "categories": False}},
+                    "params": {"top_k": 2000, "categories": False}},
         "itemcf": {"kind": "i2i", "model": "itemcf", "weight": 1.0, "quota": 200},
-        "mf": {"kind": "u2i", "model": "mf", "weight": 0.7, "quota": 20, "params": {"factors": 8, "iterations": 3}},
+        "mf": {"kind": "u2i", "model": "mf", "weight": 0.7, "quota": 20, "params": {"dim": 8, "epochs": 3}},
         "usercf": {"kind": "u2u", "model": "usercf", "weight": 0.5, "quota": 200, "enabled": False},
     },
 }

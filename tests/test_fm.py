@@ -9,21 +9,22 @@ import torch
 from pydantic import ValidationError
 
 from common.channel_config import ChannelSpec
-from trainer.channels.base import NeighborArtifact, VectorArtifact
+from trainer.channels.base import NeighborArtifact, RenamedParamError, VectorArtifact
 from trainer.channels.fm import (
     FM,
     FMNet,
     build_feature_space,
-    encode_column,
+    fm_field,
     history_codes,
     pairwise_fast,
     pairwise_naive,
 )
 from trainer.channels.registry import models
 from trainer.data.train_data import TrainData
+from trainer.nn.encoding import encode_column, fm_options
 
 N_GROUPS, USERS_PER, ITEMS_PER = 6, 15, 10
-SMALL = {"factors": 8, "epochs": 30, "batch_size": 256, "lr": 0.02, "neg_ratio": 4, "i2i_k": 10, "u2u_k": 10}
+SMALL = {"dim": 8, "epochs": 30, "batch_size": 256, "lr": 0.02, "num_negatives": 4, "top_k": 10}
 
 
 def planted(seed: int = 0, per_user: int = 7) -> tuple[TrainData, np.ndarray, np.ndarray]:
@@ -105,20 +106,25 @@ def test_fmnet_sides_equal_the_full_fm():
     assert torch.allclose(l2v, expect, rtol=1e-5)
 
 
-def test_encode_column():
+def test_fm_fields_from_the_kit_encoder():
+    """FM's features of an encoded column (trainer/nn/encoding.py, FM's options): one per value that occurs, in
+    sorted order, '<rare>' last; a missing value is no feature; a bag's values weigh 1/n."""
     ages = pd.Series(np.arange(100, dtype=float))
-    fc = encode_column("age", ages, n_bins=4)
+    fc = fm_field(encode_column("age", ages, options=fm_options(n_bins=4)))
     assert len(fc.vocab) == 4 and fc.codes.shape == (100, 1)
     assert (np.bincount(fc.codes[:, 0]) == 25).all()  # quantile bins
     occ = pd.Series(["a", "a", "b", "b", "c", None])
-    fc = encode_column("occ", occ, min_count=2)
+    fc = fm_field(encode_column("occ", occ, options=fm_options(min_count=2)))
     assert fc.vocab == ["a", "b", "<rare>"]
     assert list(fc.codes[:, 0]) == [0, 0, 1, 1, 2, -1]
-    assert encode_column("title", pd.Series([f"t{i}" for i in range(50)])) is None  # id-like: skipped
-    g = encode_column("genres", pd.Series(["x|y", "y", "x|y|z", "z"]), multi=True, min_count=1)
+    assert encode_column("title", pd.Series([f"t{i}" for i in range(50)]), options=fm_options()) is None  # id-like
+    g = fm_field(encode_column("genres", pd.Series(["x|y", "y", "x|y|z", "z"]), True, fm_options(min_count=1)))
     assert g.vocab == ["x", "y", "z"]
     assert np.allclose(g.weights.sum(1), 1.0)
     assert sorted(g.codes[2]) == [0, 1, 2] and np.allclose(g.weights[2], 1 / 3)
+    # numeric bins that no row falls in take no feature (all values equal to the lowest edge)
+    skew = fm_field(encode_column("s", pd.Series([0.0] * 50 + list(range(1, 51))), options=fm_options(n_bins=10)))
+    assert sorted(set(skew.codes[:, 0].tolist())) == list(range(len(skew.vocab)))
 
 
 def test_history_codes():
@@ -147,8 +153,13 @@ def test_registry_and_params():
     assert set(FM.kinds) == {"u2i", "i2i", "u2u"}
     with pytest.raises(ValidationError, match="nope"):
         FM.Params(nope=1)
-    with pytest.raises(ValidationError, match="negative_sampling"):
-        FM.Params(negative_sampling="hard")
+    with pytest.raises(ValidationError, match="negatives"):
+        FM.Params(negatives="hard")
+    # one vocabulary across models: the old names fail, naming the new one
+    for old, new in (("factors", "dim"), ("neg_ratio", "num_negatives"), ("negative_sampling", "negatives"),
+                     ("neg_power", "negatives_power"), ("i2i_k", "top_k"), ("u2u_k", "u2u_top_k")):
+        with pytest.raises(RenamedParamError, match=f"params.{old}: renamed to '{new}'"):
+            FM(ChannelSpec(name="fm", kind="u2i", model="fm", params={old: 1}))
 
 
 def test_planted_auc_and_recommendations(trained):
@@ -176,6 +187,15 @@ def test_artifacts(trained):
         assert (art.neighbors != np.arange(n)[:, None]).all()  # self excluded
         assert np.mean(group[art.neighbors[:, :5]] == group[:, None]) >= 0.9, kind
         assert (art.scores[:, :5] <= 1.0 + 1e-5).all()  # cosine
+
+
+def test_u2u_top_k_defaults_to_top_k():
+    data, _, _ = planted()
+    ch = fitted({**SMALL, "epochs": 1, "top_k": 7, "u2u_top_k": 4}, data)
+    arts = ch.artifacts(data)
+    assert arts["i2i"].neighbors.shape == (data.n_items, 7) and arts["u2u"].neighbors.shape == (data.n_users, 4)
+    ch = fitted({**SMALL, "epochs": 1, "top_k": 7}, data)
+    assert ch.artifacts(data)["u2u"].neighbors.shape == (data.n_users, 7)
 
 
 def test_vectors_inner_product_is_the_fm_logit(trained):

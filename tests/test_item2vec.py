@@ -8,11 +8,12 @@ import pytest
 
 from common.channel_config import ChannelSpec
 from trainer.channels import registry
-from trainer.channels.item2vec import Item2VecChannel, session_sentences, split_sessions
+from trainer.channels.item2vec import Item2VecChannel, session_sentences
+from trainer.data.sessions import split_sessions
 from trainer.data.train_data import TrainData
 
 N_CLUSTERS, PER_CLUSTER = 4, 15
-FAST = {"dim": 16, "window": 3, "negative": 5, "epochs": 20, "top_k": 10, "sample": 0.0}
+FAST = {"dim": 16, "window": 3, "num_negatives": 5, "epochs": 20, "top_k": 10, "sample": 0.0}
 
 
 def test_split_sessions_at_gaps_over_30_minutes():

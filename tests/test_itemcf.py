@@ -21,7 +21,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k
 
 # Every extra weight off: the PROTOCOL.md reference ItemCF (α = 0.5), all neighbours kept.
 REFERENCE = dict(alpha=0.5, user_penalty=True, max_history=None, window=None, position_decay=1.0, time_decay_s=None,
-                 forward_weight=1.0, backward_weight=1.0, category_weight=1.0, k=50)
+                 forward_weight=1.0, backward_weight=1.0, category_weight=1.0, top_k=50)
 
 # 5 users; item ids 1..5 are indices 0..4. Histories in time order.
 TOY = {"u1": [1, 2, 3], "u2": [1, 2], "u3": [2, 3, 4], "u4": [1, 3], "u5": [5]}
@@ -197,7 +197,7 @@ def test_top_k_keeps_best_neighbours_with_ties_by_ascending_index():
     # from item 1, items 2, 3, 4 tie (one shared user each, same popularity); item 5 is more popular, so weaker
     df = frame({"a": [1, 2], "b": [1, 3], "c": [1, 4], "d": [1, 5], "e": [5, 6], "f": [2, 6], "g": [3, 7], "h": [4, 8],
                 "i": [5, 9]})
-    ch, data = fit(df, k=2)
+    ch, data = fit(df, top_k=2)
     art = ch.artifacts(data)["i2i"]
     assert art.neighbors.shape == (data.n_items, 2)
     assert art.neighbors[0].tolist() == [1, 2]
@@ -244,7 +244,7 @@ def test_reference_settings_reproduce_protocol_itemcf_on_ml100k():
     ds = load_dataset(SHARED_DATA)
     train, test = leave_last_out(ds.interactions)
     data = TrainData.from_frame(train)
-    ch = ItemCF(ChannelSpec(name="itemcf", kind="i2i", model="itemcf", params={**REFERENCE, "k": 2000},
+    ch = ItemCF(ChannelSpec(name="itemcf", kind="i2i", model="itemcf", params={**REFERENCE, "top_k": 2000},
                             serve=ServeParams(recent_n=20, recency_decay=1.0, per_anchor=2000)))
     ch.fit(data)
     users, targets = data.user_map.lookup(test["user_id"]), data.item_map.lookup(test["item_id"])
@@ -261,7 +261,7 @@ def test_sparse_accumulator_and_small_chunks_give_identical_results(monkeypatch)
     import trainer.channels.neighbors as nbmod
 
     df = random_log(seed=2)
-    params = dict(position_decay=0.9, backward_weight=0.6, time_decay_s=4000.0, k=10)
+    params = dict(position_decay=0.9, backward_weight=0.6, time_decay_s=4000.0, top_k=10)
     want, data = fit(df, **params)
     monkeypatch.setattr(mod, "DENSE_MAX_ITEMS", 0)  # the large-catalog sparse accumulator
     monkeypatch.setattr(mod, "PAIR_BUFFER", 7)  # many flushes

@@ -16,10 +16,8 @@ from trainer.channels.registry import models
 from trainer.data.train_data import TrainData
 
 N_GROUPS, USERS_PER, ITEMS_PER = 3, 20, 15
-ALS_SMALL = {"factors": 8, "regularization": 0.1, "iterations": 10, "recency_boost": 0.0, "i2i_k": 10,
-             "num_threads": 1}
-FUNK_SMALL = {"algorithm": "funksvd", "factors": 8, "iterations": 60, "lr": 0.01, "regularization": 0.02,
-              "i2i_k": 10}
+ALS_SMALL = {"dim": 8, "reg": 0.1, "epochs": 10, "recency_boost": 0.0, "top_k": 10, "num_threads": 1}
+FUNK_SMALL = {"algorithm": "funksvd", "dim": 8, "epochs": 60, "lr": 0.01, "reg": 0.02, "top_k": 10}
 
 
 def planted(seed: int = 0, per_user: int = 8, off_group: int = 0) -> tuple[TrainData, np.ndarray, np.ndarray]:
@@ -57,7 +55,7 @@ def test_registry_and_params():
         MF.Params(algorithm="svd++")
 
 
-@pytest.mark.parametrize("params", [ALS_SMALL, {**FUNK_SMALL, "negatives": 0}], ids=["als", "funksvd"])
+@pytest.mark.parametrize("params", [ALS_SMALL, {**FUNK_SMALL, "num_negatives": 0}], ids=["als", "funksvd"])
 def test_recovers_planted_groups(params):
     # FunkSVD learns from explicit ratings: users rate a few other-group items low
     data, ugroup, igroup = planted(off_group=0 if params.get("algorithm") != "funksvd" else 4)
@@ -98,7 +96,7 @@ def test_funksvd_fits_planted_low_rank_ratings():
     df = pd.DataFrame({"user_id": [f"u{u}" for u in uu], "item_id": [f"i{i}" for i in ii],
                        "rating": truth[uu, ii], "timestamp": np.arange(len(uu))})
     data = TrainData.from_frame(df)
-    ch = fitted({**FUNK_SMALL, "iterations": 200, "factors": 4, "regularization": 0.005, "negatives": 0}, data)
+    ch = fitted({**FUNK_SMALL, "epochs": 200, "dim": 4, "reg": 0.005, "num_negatives": 0}, data)
     u_ext = np.array([int(x[1:]) for x in data.user_map.ids])
     i_ext = np.array([int(x[1:]) for x in data.item_map.ids])
     # the vectors' inner product is the predicted rating
@@ -117,9 +115,9 @@ def test_funksvd_fits_planted_low_rank_ratings():
 def test_funksvd_without_ratings_needs_negatives():
     data, ugroup, igroup = planted()
     data.rating = None
-    with pytest.raises(ValueError, match="negatives"):
-        fitted({**FUNK_SMALL, "negatives": 0}, data)
-    ch = fitted({**FUNK_SMALL, "negatives": 4}, data)  # default for click data: 4 negatives per click
+    with pytest.raises(ValueError, match="num_negatives"):
+        fitted({**FUNK_SMALL, "num_negatives": 0}, data)
+    ch = fitted({**FUNK_SMALL, "num_negatives": 4}, data)  # default for click data: 4 negatives per click
     recs = ch.recommend(data, np.arange(data.n_users), 5, kind="u2i")
     assert np.mean([np.mean(igroup[ids] == ugroup[u]) for u, (ids, _) in enumerate(recs)]) >= 0.9
 

@@ -29,8 +29,8 @@ merge: {normalize: rank, rank_offset: 20}
 channels:
   popular: {kind: list, model: popular, weight: 0.3, quota: 50}
   itemcf: {kind: i2i, model: itemcf, weight: 1.0, quota: 100}
-  usercf: {kind: u2u, model: usercf, weight: 0.5, quota: 50, params: {k: 20}}
-  mf: {kind: u2i, model: mf, weight: 1.0, quota: 100, params: {factors: 8, iterations: 3, i2i_k: 20}}
+  usercf: {kind: u2u, model: usercf, weight: 0.5, quota: 50, params: {top_k: 20}}
+  mf: {kind: u2i, model: mf, weight: 1.0, quota: 100, params: {dim: 8, epochs: 3, top_k: 20}}
   mf_i2i: {kind: i2i, from: mf, weight: 0.3, quota: 50}
   fm: {kind: u2i, model: fm, weight: 0.5, quota: 50, enabled: false}
 """
@@ -201,10 +201,10 @@ def test_bad_config_fails_clearly_without_touching_published(settings, stores, t
     assert _cli(settings, tiny_data, bad) == 2
     err = capsys.readouterr().err
     assert "stage 'config' failed" in err and "channel 'usercf'" in err and "key 'model'" in err
-    bad.write_text(TINY_CONFIG.replace("params: {k: 20}", "params: {k: -1}"))
+    bad.write_text(TINY_CONFIG.replace("params: {top_k: 20}", "params: {top_k: -1}"))
     assert _cli(settings, tiny_data, bad) == 2
     err = capsys.readouterr().err
-    assert "channel 'usercf'" in err and "params.k" in err
+    assert "channel 'usercf'" in err and "params.top_k" in err
     assert currents(stores) == before
     assert not any(stores("meta").zcard(stores.keyspace.pending(c)) for c in before)
 

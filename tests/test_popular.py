@@ -59,8 +59,8 @@ def test_global_recent_and_category_lists():
     assert all(ids.dtype == np.int32 and sc.dtype == np.float32 for ids, sc in lists.values())
 
 
-def test_size_recent_days_and_categories_switch():
-    ch, data = fit(size=2, recent_days=0.5, categories=False)
+def test_top_k_recent_days_and_categories_switch():
+    ch, data = fit(top_k=2, recent_days=0.5, categories=False)
     lists = ch.artifacts(data)["list"].lists
     assert set(lists) == {"global", "recent"}
     assert as_ext(data, lists["global"][0]) == ["1", "2"]
@@ -90,7 +90,7 @@ def test_global_list_reproduces_protocol_most_popular_on_ml100k():
     ds = load_dataset(SHARED_DATA)
     train, test = leave_last_out(ds.interactions)
     data = TrainData.from_frame(train, items=ds.items)
-    ch = Popular(ChannelSpec(name="popular", kind="list", model="popular", params={"size": 2000}))
+    ch = Popular(ChannelSpec(name="popular", kind="list", model="popular", params={"top_k": 2000}))
     ch.fit(data)
     users, targets = data.user_map.lookup(test["user_id"]), data.item_map.lookup(test["item_id"])
     recs = ch.recommend(data, users, k=200)

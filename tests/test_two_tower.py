@@ -1,8 +1,7 @@
-"""Two-tower channel: losses, logQ correction, negatives, feature construction, SENet, TorchScript export."""
+"""Two-tower channel: losses, logQ correction, negatives, feature construction, SENet, user tower export."""
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -12,18 +11,16 @@ import torch
 import torch.nn.functional as F
 
 from common.channel_config import ChannelSpec
-from common.tower_inputs import encode_user_inputs
-from services.vector_server.tower_numpy import matches, numpy_tower
+from common.towers import encode_user_inputs, matches, numpy_twin, recent_matrix
+from services.vector_server.index import load_tower
 from trainer.channels import registry
-from trainer.channels._tower_model import encode_attrs, logits, ranking_loss, recent_matrix, row_logits
 from trainer.channels.two_tower import TwoTowerChannel
 from trainer.data.train_data import TrainData
-
-# TorchScript is the vector server's contract even though torch ≥ 2.9 calls it deprecated
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
+from trainer.nn.encoding import encode_attrs
+from trainer.nn.losses import logits, ranking_loss, row_logits
 
 N_CLUSTERS, PER_CLUSTER, N_USERS, CLICKS = 4, 25, 80, 8
-FAST = {"emb_dim": 16, "dim": 16, "hidden": [32], "epochs": 25, "batch_size": 64, "lr": 0.01, "n_neg": 16,
+FAST = {"emb_dim": 16, "dim": 16, "hidden": [32], "epochs": 25, "batch_size": 64, "lr": 0.01, "num_negatives": 16,
         "recent_n": 5, "hard_from": 2, "hard_to": 20, "hard_refresh": 5}
 
 
@@ -191,7 +188,24 @@ def test_senet_changes_the_model_and_is_deterministic(data):
 # -- export ----------------------------------------------------------------------------------------
 
 
-def test_artifact_and_torchscript_user_tower_match_the_training_model(data):
+def zip_names(blob: bytes) -> list[str]:
+    import io
+    import zipfile
+
+    return zipfile.ZipFile(io.BytesIO(blob)).namelist()
+
+
+def served(art) -> torch.nn.Module:
+    """The artifact's user tower rebuilt exactly as the vector server does (state dict + meta, by arch tag)."""
+    return load_tower(art.user_tower, art.user_tower_meta, art.item_vectors.shape[1])
+
+
+def run(tower, meta, user_idx, attrs, recent) -> np.ndarray:
+    with torch.no_grad():
+        return tower(*(torch.from_numpy(x) for x in encode_user_inputs(meta, user_idx, attrs, recent)))[0].numpy()
+
+
+def test_artifact_and_served_user_tower_match_the_training_model(data):
     ch = fit(data, recent_last=True)
     art = ch.artifacts(data)["u2i"]
     assert art.item_vectors.shape == (data.n_items, 16) and art.user_vectors.shape == (data.n_users, 16)
@@ -200,20 +214,21 @@ def test_artifact_and_torchscript_user_tower_match_the_training_model(data):
     assert json.loads(json.dumps(meta)) == meta  # goes into the manifest
     assert meta["n_users"] == data.n_users and meta["n_items"] == data.n_items and meta["recent_n"] == 5
     assert meta["attr_columns"] == ["age", "gender"]
-    tower = torch.jit.load(io.BytesIO(art.user_tower))
+    assert meta["arch"] == "two_tower_user" and meta["hparams"]["recent_last"] is True
+    assert meta["hparams"]["n_users"] == data.n_users and meta["hparams"]["out_dim"] == 16
+    assert art.user_tower[:2] == b"PK"  # torch.save's zip of a state dict (a TorchScript archive holds code/)
+    assert not any(name.endswith((".py", "code/")) or "/code/" in name for name in zip_names(art.user_tower))
+    tower = served(art)
+    assert type(tower) is type(ch.user_tower) and tower is not ch.user_tower
     _, users, _ = planted()
-
-    def run(user_idx, attrs, recent):
-        with torch.no_grad():
-            return tower(*(torch.from_numpy(x) for x in encode_user_inputs(meta, user_idx, attrs, recent)))[0].numpy()
 
     for u in (0, 7, data.n_users - 1):
         attrs = users.loc[data.user_map.ids[u]].to_dict()
         recent = data.recent(u, 5)[0]
-        np.testing.assert_allclose(run(u, attrs, recent), art.user_vectors[u], atol=1e-5)
+        np.testing.assert_allclose(run(tower, meta, u, attrs, recent), art.user_vectors[u], atol=1e-5)
     # an unknown user with a few events of cluster 2 (and raw attribute values in other spellings)
     recent = [i for i in range(data.n_items) if cluster_of(data, np.array([i]))[0] == 2][:3]
-    vec = run(-1, {"age": "24.0", "gender": "F", "unknown_col": 1}, recent)
+    vec = run(tower, meta, -1, {"age": "24.0", "gender": "F", "unknown_col": 1}, recent)
     inputs = encode_user_inputs(meta, data.n_users + 5, {"age": 24, "gender": "F"}, recent)
     assert inputs[0][0] == data.n_users and inputs[1][0, 0] == meta["attr_vocab"]["age"]["24"]
     with torch.no_grad():
@@ -227,7 +242,7 @@ def test_artifact_and_torchscript_user_tower_match_the_training_model(data):
                       torch.full((2, 5), data.n_items, dtype=torch.int64))
     assert batch.shape == (2, 16) and batch.dtype == torch.float32
     # what the vector server runs on requests: the numpy twin of this exported tower, same vectors
-    twin = numpy_tower(tower, meta)
+    twin = numpy_twin(tower, meta)
     assert twin is not None and matches(twin, tower, meta, n=100)
     for u in (0, 7, data.n_users - 1):
         attrs = users.loc[data.user_map.ids[u]].to_dict()
@@ -235,16 +250,34 @@ def test_artifact_and_torchscript_user_tower_match_the_training_model(data):
         np.testing.assert_allclose(twin(*inputs), art.user_vectors[u], atol=1e-5)
 
 
+def test_training_and_serving_encode_the_same_inputs(data):
+    """The arrays the trainer feeds the tower (training examples, export) are the ones a request builds from raw
+    attribute values and the user's latest items (common/towers/inputs.py for both)."""
+    ch = fit(data, epochs=1)
+    meta = ch.artifacts(data)["u2i"].user_tower_meta
+    _, users, _ = planted()
+    for u in range(data.n_users):
+        trained = ch._user_inputs(data, np.array([u]), data.user_ptr[[u + 1]])  # what encode_users (export) uses
+        items, ts = data.recent(u, 5)
+        request = encode_user_inputs(meta, u, users.loc[data.user_map.ids[u]].to_dict(), items, ts)
+        for got, want in zip(request[:3], trained, strict=True):
+            np.testing.assert_array_equal(got, want.numpy())
+        assert request.recent_ts.shape == request.recent.shape and request.recent_ts[0, 0] == ts[0]
+    # a training example sees only the items before it, in the same layout
+    g = int(data.user_ptr[3]) + 4
+    x = ch._user_inputs(data, np.array([3]), np.array([g]))
+    request = encode_user_inputs(meta, 3, users.loc[data.user_map.ids[3]].to_dict(),
+                                 data.item_idx[data.user_ptr[3]:g][::-1])
+    np.testing.assert_array_equal(request.recent, x[2].numpy())
+
+
 def test_works_without_attribute_tables():
     inter, _, _ = planted()
     d = TrainData.from_frame(inter)
     ch = fit(d, epochs=5)
     art = ch.artifacts(d)["u2i"]
-    assert art.user_tower_meta["attr_columns"] == []
-    tower = torch.jit.load(io.BytesIO(art.user_tower))
-    inputs = encode_user_inputs(art.user_tower_meta, 3, None, d.recent(3, 5)[0])
-    with torch.no_grad():
-        out = tower(*(torch.from_numpy(x) for x in inputs))[0].numpy()
+    assert art.user_tower_meta["attr_columns"] == [] and art.user_tower_meta["hparams"]["attr_sizes"] == []
+    out = run(served(art), art.user_tower_meta, 3, None, d.recent(3, 5)[0])
     np.testing.assert_allclose(out, art.user_vectors[3], atol=1e-5)
 
 
@@ -255,17 +288,10 @@ def test_registered_user_without_interactions_is_served_as_unknown():
     d = TrainData.from_frame(inter, user_map=IdMap(["cold"]))
     ch = fit(d, epochs=3)
     art = ch.artifacts(d)["u2i"]
-    tower = torch.jit.load(io.BytesIO(art.user_tower))
-    meta = art.user_tower_meta
+    tower, meta = served(art), art.user_tower_meta
     cold = int(d.user_map.lookup(["cold"])[0])
     recent = [1, 2]
-
-    def run(user_idx):
-        with torch.no_grad():
-            return tower(*(torch.from_numpy(x) for x in encode_user_inputs(meta, user_idx, None, recent)))[0].numpy()
-
-    np.testing.assert_array_equal(run(cold), run(-1))  # its never-trained id row is not used
-    assert cold == 0 and not np.allclose(run(1), run(-1))  # a trained user's id row is
-    with torch.no_grad():
-        no_history = tower(*(torch.from_numpy(x) for x in encode_user_inputs(meta, -1, None, [])))[0].numpy()
+    np.testing.assert_array_equal(run(tower, meta, cold, None, recent), run(tower, meta, -1, None, recent))
+    assert cold == 0 and not np.allclose(run(tower, meta, 1, None, recent), run(tower, meta, -1, None, recent))
+    no_history = run(tower, meta, -1, None, [])
     np.testing.assert_allclose(art.user_vectors[cold], no_history, atol=1e-6)

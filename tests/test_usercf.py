@@ -13,7 +13,7 @@ from common.channel_config import ChannelSpec, ServeParams
 from trainer.channels.usercf import UserCF, user_regions
 from trainer.data.train_data import TrainData
 
-PLAIN = dict(k=50, item_penalty=True, normalization="power", beta=0.5, max_history=None, region_weight=1.0)
+PLAIN = dict(top_k=50, item_penalty=True, normalization="power", beta=0.5, max_history=None, region_weight=1.0)
 TOY = {"u1": [1, 2, 3], "u2": [1, 2], "u3": [2, 3, 4], "u4": [1, 3], "u5": [5]}
 
 
@@ -144,7 +144,7 @@ def test_history_cap_uses_only_recent_items():
 def test_top_k_and_ties_by_ascending_user_index():
     # u0 shares one equally rare item with each of u1..u4
     df = frame({"u0": [1, 2, 3, 4], "u1": [1], "u2": [2], "u3": [3], "u4": [4]})
-    ch, data = fit(df, k=2)
+    ch, data = fit(df, top_k=2)
     art = ch.artifacts(data)["u2u"]
     u0 = data.user_map.get("u0")
     assert art.neighbors.shape == (data.n_users, 2)
@@ -175,9 +175,9 @@ def test_small_chunks_give_identical_results(monkeypatch):
 
     rng = np.random.default_rng(5)
     hist = {f"u{u}": (rng.choice(30, size=rng.integers(1, 12), replace=False) + 1).tolist() for u in range(40)}
-    want, data = fit(frame(hist), k=7)
+    want, data = fit(frame(hist), top_k=7)
     monkeypatch.setattr(mod, "CHUNK_BUDGET", 20)  # a few users per chunk
-    got, _ = fit(frame(hist), k=7)
+    got, _ = fit(frame(hist), top_k=7)
     a, b = want.artifacts(data)["u2u"], got.artifacts(data)["u2u"]
     np.testing.assert_array_equal(a.neighbors, b.neighbors)
     np.testing.assert_array_equal(a.scores, b.scores)

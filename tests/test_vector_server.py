@@ -1,4 +1,4 @@
-"""The vector server over real HTTP: a real server process, real Redis, real faiss and a real TorchScript tower.
+"""The vector server over real HTTP: a real server process, real Redis, real faiss and a real user tower.
 
 Item vectors have planted clusters (cluster c = items c*50 .. c*50+49 around the unit vector e_c), so the
 right answer of every query is known.
@@ -7,7 +7,6 @@ right answer of every query is known.
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import socket
 import threading
@@ -27,6 +26,8 @@ from common.ids import IdMap, publish_id_map
 from common.keyspace import FEATURES_CHANNEL, Keyspace, pack_json
 from common.local_redis import LocalRedis
 from common.redis_conn import RedisStores
+from common.towers import tower_bytes as state_dict_bytes
+from common.towers.recent_decay import RecentDecayTower
 from trainer.channels.base import VectorArtifact
 from trainer.data.train_data import TrainData
 from trainer.publishing import publish_channel
@@ -65,38 +66,32 @@ def user_vectors() -> np.ndarray:
     return np.eye(D, dtype=np.float32)[np.arange(N_USERS) % C]
 
 
-class NewestFirstTower(torch.nn.Module):
-    """Tower contract: (user_idx, attrs, recent) → normalised Σ 0.5^j · item_vec[recent_j] + small attr bias."""
-
-    def __init__(self, items: np.ndarray, n_attr_codes: int = 3):
-        super().__init__()
-        emb = torch.zeros(len(items) + 1, items.shape[1])  # last row: padding
-        emb[: len(items)] = torch.from_numpy(items)
-        seg = torch.zeros(n_attr_codes, items.shape[1])
-        seg[1, 5], seg[2, 6] = 0.01, 0.01  # segment 'a' → towards cluster 5, 'b' → cluster 6
-        self.register_buffer("emb", emb)
-        self.register_buffer("seg", seg)
-        self.register_buffer("w", 0.5 ** torch.arange(R, dtype=torch.float32))
-
-    def forward(self, user_idx: torch.Tensor, attrs: torch.Tensor, recent: torch.Tensor) -> torch.Tensor:
-        v = (self.emb[recent] * self.w[None, :, None]).sum(1) + self.seg[attrs[:, 0]]
-        return v / torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(1e-12)
+def newest_first_tower(items: np.ndarray) -> RecentDecayTower:
+    """The test channel's user tower, arch "recent_decay" of common/towers (it has no numpy twin: torch serves it):
+    (user_idx, attrs, recent) → normalised Σ 0.5^j · item_vec[recent_j] + small attr bias."""
+    tower = RecentDecayTower(N_ITEMS, D, R, decay=0.5, attr_sizes=[3])
+    with torch.no_grad():
+        tower.item_emb.weight.zero_()
+        tower.item_emb.weight[:N_ITEMS] = torch.from_numpy(items)
+        tower.attr_emb.weight.zero_()
+        tower.attr_emb.weight[1, 5] = tower.attr_emb.weight[2, 6] = 0.01  # segment 'a' → cluster 5, 'b' → 6
+    return tower
 
 
 def expected_tower(items: np.ndarray, recent: list[int], segment_code: int) -> np.ndarray:
-    """What NewestFirstTower computes, in numpy."""
+    """What newest_first_tower computes, in numpy."""
     v = sum(0.5 ** j * items[i] for j, i in enumerate(recent[:R])) + np.zeros(D, np.float32)
     v[{1: 5, 2: 6}.get(segment_code, 0)] += 0.01 if segment_code else 0.0
     return v / max(np.linalg.norm(v), 1e-12)
 
 
 def tower_bytes(items: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    torch.jit.save(torch.jit.script(NewestFirstTower(items)), buf)
-    return buf.getvalue()
+    return state_dict_bytes(newest_first_tower(items))
 
 
-TOWER_META = {"n_users": N_USERS, "n_items": N_ITEMS, "recent_n": R, "attr_columns": ["segment"],
+TOWER_META = {"arch": "recent_decay", "hparams": {"n_items": N_ITEMS, "dim": D, "recent_n": R, "decay": 0.5,
+                                                  "attr_sizes": [3]},
+              "n_users": N_USERS, "n_items": N_ITEMS, "recent_n": R, "attr_columns": ["segment"],
               "attr_vocab": {"segment": {"a": 1, "b": 2}}}
 
 
@@ -207,7 +202,7 @@ def test_healthz_lists_loaded_channels(stack):
         ch = body["channels"][name]
         assert (ch["version"], ch["n_items"], ch["dim"], ch["index"]) == (stack["versions"][name], N_ITEMS, D, kind)
     assert body["channels"]["tw"]["tower"] is True and body["channels"]["flat"]["tower"] is False
-    assert body["channels"]["tw"]["tower_runtime"] == "torchscript"  # a tower the numpy twin does not know
+    assert body["channels"]["tw"]["tower_runtime"] == "torch"  # an architecture without a numpy twin
 
 
 @pytest.mark.parametrize("channel", ["tw", "flat", "ivf"])

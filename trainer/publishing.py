@@ -71,19 +71,26 @@ def publish_channel(stores: RedisStores, spec: ChannelSpec, artifacts: Artifacts
             manifest[f"{kind}_k"] = int(art.neighbors.shape[1])
         elif isinstance(art, VectorArtifact):
             d = int(art.item_vectors.shape[1])
-            with bar(len(art.item_vectors) + len(art.user_vectors), "vectors") as b:
+            # K interests per user: the user key holds K·d floats, row-major (K = 1: d floats, as always); rows
+            # past the user's interest count are zero (docs/vector_server.md, "K vectors per user")
+            user_vecs = art.published_user_vectors()
+            with bar(len(art.item_vectors) + len(user_vecs), "vectors") as b:
                 n_i = pub.write("item_emb", ((ks.item_vector(name, ver, i), pack_vector(v))
                                              for i, v in enumerate(art.item_vectors)), progress=b.update)
                 n_u = pub.write("user_emb", ((ks.user_vector(name, ver, data.user_map.ids[u]), pack_vector(v))
-                                             for u, v in enumerate(art.user_vectors)), progress=b.update)
+                                             for u, v in enumerate(user_vecs)), progress=b.update)
             np.save(out_dir / "item_vectors.npy", art.item_vectors.astype(np.float32))
-            np.save(out_dir / "user_vectors.npy", art.user_vectors.astype(np.float32))
+            np.save(out_dir / "user_vectors.npy", user_vecs)
             if art.user_tower is not None:
                 pub.write("item_emb", [(ks.user_tower(name, ver), art.user_tower)])
                 (out_dir / "user_tower.pt").write_bytes(art.user_tower)
-            manifest.update(dim=d, metric=art.metric, has_user_tower=art.user_tower is not None,
-                            user_tower_meta=art.user_tower_meta)
+            manifest.update(dim=d, n_interests=art.n_interests, metric=art.metric,
+                            has_user_tower=art.user_tower is not None, user_tower_meta=art.user_tower_meta)
             manifest["counts"]["item_vectors"], manifest["counts"]["user_vectors"] = n_i, n_u
+            if user_vecs.ndim == 3:
+                live = (user_vecs != 0).any(axis=2)
+                np.save(out_dir / "interest_counts.npy", live.sum(axis=1).astype(np.int32))
+                manifest["counts"]["interests"] = int(live.sum())
             manifest["stores"][kind] = "item_emb"
             written += [("item_emb", ks.item_vector(name, ver, i)) for i in range(min(50, n_i))]
         elif isinstance(art, ListArtifact):

@@ -6,7 +6,6 @@ that picked a bundle keeps a consistent (version, index, tower) triple however l
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import threading
@@ -24,9 +23,9 @@ from common.channel_config import ChannelSpec, IndexParams
 from common.ids import IdMap
 from common.publish import read_manifest
 from common.redis_conn import RedisStores
-from common.retrieval import sorted_ids
-from common.tower_inputs import encode_user_inputs
-from services.vector_server.tower_numpy import matches, numpy_tower
+from common.retrieval import live_interests, merge_interest_rows, merge_interests, sorted_ids
+from common.towers import TowerError, TowerInputs, encode_user_inputs, matches, numpy_twin
+from common.towers import load_tower as rebuild_tower
 
 log = logging.getLogger(__name__)
 
@@ -132,14 +131,15 @@ class Bundle:
     ef_search: int = 64
     ef_factor: float = 2.0
     nprobe: int = 16
-    tower: Any = None  # torch.jit.ScriptModule
-    tower_fn: Any = None  # its numpy twin (tower_numpy.py), used on requests when set
+    tower: Any = None  # torch.nn.Module rebuilt from common/towers (load_tower)
+    tower_fn: Any = None  # its numpy twin (common/towers/numpy_twin.py), used on requests when set
     tower_meta: dict[str, Any] = field(default_factory=dict)
     tower_error: str | None = None
     maps: IdMaps | None = None  # private id maps (artifacts dir) when the published ones are too short
     user_vectors: np.ndarray | None = None  # precomputed user vectors held in memory (rows: user index), or None
     user_present: np.ndarray | None = None  # bool per row: the version has a vector for that user
     user_map: IdMap | None = None  # the user id map the rows follow
+    n_interests: int = 1  # K vectors per user (manifest n_interests); user_vectors rows are then [K, dim]
     # each user's search results, computed after the swap (`precompute`): ([rows of user_vectors, K] int32 item
     # indices, [rows, K] float32 scores); set once, in one assignment
     user_top: tuple[np.ndarray, np.ndarray] | None = None
@@ -167,7 +167,10 @@ class Bundle:
         return int(self.tower_meta.get("recent_n", 20)) if self.tower is not None else 0
 
     def search(self, q: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (item index, score) for one query vector, `exclude` item indices removed."""
+        """Top-k (item index, score) for one query vector, `exclude` item indices removed. Several query vectors
+        ([K, dim], [1, K, dim] or K·dim floats: a user's interests) go to `search_interests`."""
+        if np.size(q) != self.dim:
+            return self.search_interests(q, k, exclude)
         n_ex = 0 if exclude is None else len(exclude)
         kk = min(k + n_ex, self.n_indexed)
         if kk <= 0:
@@ -189,8 +192,30 @@ class Bundle:
                                          np.iinfo(np.int64).max, k)
         return ids[:k].astype(np.int64, copy=False), scores[:k]
 
+    def search_interests(self, q: np.ndarray, k: int, exclude: np.ndarray | None = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k for a user of several interest vectors: each live one (zero and non-finite rows dropped) searched
+        for k + len(exclude) items in one faiss call, the lists merged by max score per item
+        (common.retrieval.merge_interests, which the evaluator uses too), `exclude` removed."""
+        live = live_interests(q, self.dim)
+        if len(live) <= 1:
+            return self.search(live[0], k, exclude) if len(live) else (EMPTY_IDS, EMPTY_SCORES)
+        kk = min(k + (0 if exclude is None else len(exclude)), self.n_indexed)
+        if kk <= 0:
+            return EMPTY_IDS, EMPTY_SCORES
+        if self.normalize:
+            live = live / np.maximum(np.linalg.norm(live, axis=1, keepdims=True), 1e-12)
+        params = self._default_params
+        if self.index_type == "hnsw":
+            params = self._hnsw_params(search_ef(self.ef_search, self.ef_factor, kk))
+        scores, rows = self.index.search(np.ascontiguousarray(live, dtype=np.float32), kk, params=params)
+        if self.row_to_item is not None:
+            rows = np.where(rows >= 0, self.row_to_item[np.maximum(rows, 0)], -1)
+        return merge_interests(list(zip(rows, scores, strict=True)), k, exclude)
+
     def cached_user_vector(self, user_id: str) -> tuple[bool, np.ndarray | None]:
-        """(True, vector or None) when the precomputed vectors are in memory; (False, None): ask Redis."""
+        """(True, vector or None) when the precomputed vectors are in memory; (False, None): ask Redis. The vector is
+        [K, dim] for a channel of K > 1 interests per user."""
         if self.user_vectors is None:
             return False, None
         i = self.user_map.get(user_id)
@@ -229,19 +254,22 @@ class Bundle:
         self.user_top = top
         return True
 
-    def tower_vector(self, user_idx: int, attrs: dict[str, Any] | None, recent_idx: list[int]) -> np.ndarray:
-        """User vector from the TorchScript tower for one user (contract: common/tower_inputs.py)."""
-        u, a, r = encode_user_inputs(self.tower_meta, user_idx, attrs, recent_idx)
+    def tower_vector(self, user_idx: int, attrs: dict[str, Any] | None, recent_idx: list[int],
+                     recent_ts: list[int] | None = None) -> np.ndarray:
+        """The user's vector from the channel's tower: [dim], or [K, dim] for a tower of K interests (inputs:
+        common/towers/inputs.py; `recent_ts`, aligned with `recent_idx`, serve the towers that use times)."""
+        x = encode_user_inputs(self.tower_meta, user_idx, attrs, recent_idx, recent_ts)
         if self.tower_fn is not None:
-            return self.tower_fn(u, a, r)
+            return self.tower_fn(*x)
         with torch.inference_mode():
-            out = self.tower(torch.from_numpy(u), torch.from_numpy(a), torch.from_numpy(r))
-        return out.detach().reshape(-1).to(torch.float32).numpy()
+            out = self.tower(*_tensors(x))
+        return out[0].to(torch.float32).numpy()
 
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "n_items": self.n_items, "n_indexed": self.n_indexed, "dim": self.dim,
+                "n_interests": self.n_interests,
                 "index": self.index_type, "index_params": self.index_desc, "tower": self.tower is not None,
-                "tower_runtime": ("numpy" if self.tower_fn is not None else "torchscript") if self.tower is not None else None,
+                "tower_runtime": ("numpy" if self.tower_fn is not None else "torch") if self.tower is not None else None,
                 "tower_error": self.tower_error, "precomputed_results": self._precomputed_info(),
                 "publisher": self.publisher, "load_s": round(self.load_s, 3), "loaded_at": self.loaded_at}
 
@@ -270,46 +298,67 @@ def read_item_vectors(stores: RedisStores, publisher: str, version: str, n_items
 
 
 def read_user_vectors(stores: RedisStores, publisher: str, version: str, user_ids: list[str],
-                      dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Precomputed vectors of `user_ids` (one row each, zeros where missing) and the mask of those present."""
+                      dim: int, n_interests: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Precomputed vectors of `user_ids` (one row each, zeros where missing; [users, K, dim] for K > 1 interests
+    per user) and the mask of those present."""
     ks, client = stores.keyspace, stores("user_emb")
-    nbytes = 4 * dim
-    out = np.zeros((len(user_ids), dim), dtype=np.float32)
+    nbytes = 4 * dim * n_interests
+    out = np.zeros((len(user_ids), dim) if n_interests == 1 else (len(user_ids), n_interests, dim), dtype=np.float32)
     present = np.zeros(len(user_ids), dtype=bool)
     for start in range(0, len(user_ids), MGET_BATCH):
         part = user_ids[start:start + MGET_BATCH]
         values = client.mget([ks.user_vector(publisher, version, u) for u in part])
         for j, v in enumerate(values):
             if v is not None and len(v) == nbytes:
-                out[start + j] = np.frombuffer(v, dtype="<f4")
+                out[start + j] = np.frombuffer(v, dtype="<f4").reshape(out.shape[1:])
                 present[start + j] = True
     return out, present
 
 
-def load_tower(blob: bytes, meta: dict[str, Any], dim: int) -> Any:
-    """Load a TorchScript user tower and check it answers the contract with the channel's dimension."""
-    module = torch.jit.load(io.BytesIO(blob), map_location="cpu")
-    module.eval()
-    u, a, r = encode_user_inputs(meta, -1, {}, [])
-    with torch.inference_mode():
-        for _ in range(3):  # the profiling executor specialises on the first calls; do them here, not in requests
-            out = module(torch.from_numpy(u), torch.from_numpy(a), torch.from_numpy(r))
-    shape = tuple(out.shape)
-    if shape != (1, dim):
-        raise LoadError(f"user tower returned shape {shape} for one user; expected (1, {dim})")
+def _tensors(x: TowerInputs) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.from_numpy(v) for v in x)
+
+
+def load_tower(blob: bytes, meta: dict[str, Any], dim: int) -> torch.nn.Module:
+    """Rebuild a channel's user tower from common/towers by its architecture tag (`meta["arch"]`, `["hparams"]`)
+    and load its state dict: weights only (nothing in the bytes runs), strictly (keys, shapes and dtypes of the
+    rebuilt module). Then check it answers one user with [1, dim] — or [1, K, dim], a tower of K interests.
+    LoadError otherwise (unknown architecture, bad weights, wrong output)."""
+    try:
+        module = rebuild_tower(blob, meta)
+    except TowerError as exc:
+        raise LoadError(f"user tower: {exc}") from exc
+    shapes = set()
+    try:
+        history = list(range(min(int(meta["n_items"]), int(meta["recent_n"]))))
+        probes = [encode_user_inputs(meta, -1, {}, []),  # unknown user, nothing known: the no-history answer
+                  encode_user_inputs(meta, 0, {}, history, [1_700_000_000 - 60 * j for j in range(len(history))])]
+        with torch.inference_mode():
+            for x in probes:
+                out = module(*_tensors(x))
+                shapes.add((tuple(out.shape), out.dtype))
+    except Exception as exc:
+        raise LoadError(f"user tower {meta.get('arch')!r} failed on a probe input: {type(exc).__name__}: {exc}") from exc
+    (shape, dtype), *others = shapes
+    if others or dtype != torch.float32 or not (shape == (1, dim) or (len(shape) == 3 and shape[0] == 1
+                                                                         and shape[1] >= 1 and shape[2] == dim)):
+        got = ", ".join(f"{s} {d}" for s, d in sorted(shapes, key=str))
+        raise LoadError(f"user tower {meta.get('arch')!r} returned {got} for one user; expected float32 (1, {dim}) "
+                        f"or (1, K, {dim})")
     return module
 
 
 def twin_of(tower, meta: dict[str, Any], what: str):
-    """The tower's numpy twin when it has one that reproduces it on probe inputs, else None (TorchScript serves)."""
+    """The tower's numpy twin (common/towers/numpy_twin.py TWINS, chosen by architecture tag) when it reproduces
+    the torch forward on probe inputs, else None (torch serves)."""
     try:
-        fn = numpy_tower(tower, meta)
+        fn = numpy_twin(tower, meta)
         if fn is None or matches(fn, tower, meta):
             return fn
-        why = "it disagrees with the TorchScript module"
+        why = "it disagrees with the torch forward"
     except Exception as exc:  # a twin is an optimisation: never a reason not to serve the tower
         why = f"{type(exc).__name__}: {exc}"
-    log.warning("%s: user tower served by TorchScript (numpy twin unusable: %s)", what, why)
+    log.warning("%s: user tower served by torch (numpy twin unusable: %s)", what, why)
     return None
 
 
@@ -370,11 +419,12 @@ def load_bundle(stores: RedisStores, spec: ChannelSpec, version: str, maps: IdMa
             private_maps = _file_maps(manifest) or private_maps
     user_vectors = user_present = user_map = None
     n_users = int((manifest.get("counts") or {}).get("user_vectors", 0))
-    if 0 < n_users and n_users * dim * 4 <= user_cache_bytes:
+    n_interests = max(1, int(manifest.get("n_interests", 1)))  # K·dim floats per user key
+    if 0 < n_users and n_users * n_interests * dim * 4 <= user_cache_bytes:
         user_map = (private_maps or maps or load_id_maps(stores)).user
         if len(user_map) >= n_users:  # else (a map older than the version) read vectors per request
             users = user_map.ids[:n_users]
-            user_vectors, user_present = read_user_vectors(stores, publisher, version, list(users), dim)
+            user_vectors, user_present = read_user_vectors(stores, publisher, version, list(users), dim, n_interests)
         else:
             user_map = None
     return Bundle(channel=spec.name, publisher=publisher, version=version, dim=dim, n_items=n_items,
@@ -382,7 +432,7 @@ def load_bundle(stores: RedisStores, spec: ChannelSpec, version: str, maps: IdMa
                   index_desc=desc, index=index, row_to_item=rows, normalize=normalize,
                   ef_search=spec.index.ef_search, ef_factor=spec.index.ef_factor, nprobe=spec.index.nprobe, tower=tower, tower_fn=tower_fn, tower_meta=tower_meta,
                   tower_error=tower_error, maps=private_maps, manifest=manifest, user_vectors=user_vectors,
-                  user_present=user_present, user_map=user_map,
+                  user_present=user_present, user_map=user_map, n_interests=n_interests,
                   load_s=time.perf_counter() - t0, keep=keep)
 
 
@@ -392,7 +442,9 @@ def precompute_user_results(index: faiss.Index, rows: np.ndarray | None, params:
                             ) -> tuple[np.ndarray, np.ndarray] | None:
     """Every present user's top-K items (K = params.precompute_k, capped at the index size) as int32 item indices
     and float32 scores, rows of absent users left at -1; None when [users, K] does not fit `max_bytes` or when
-    `stop` is set between two batches (a server shutting down does not wait for the rest)."""
+    `stop` is set between two batches (a server shutting down does not wait for the rest). Users of several
+    interests ([users, n_interests, dim]): each live interest searched for K, merged by max score per item
+    (common.retrieval.merge_interest_rows, the batched `merge_interests` of a live search)."""
     k = min(params.precompute_k, int(index.ntotal))
     n = len(user_vectors)
     if k <= 0 or n * k * 8 > max_bytes:
@@ -412,6 +464,9 @@ def precompute_user_results(index: faiss.Index, rows: np.ndarray | None, params:
             return None
         part = users[start:start + batch]
         q = np.ascontiguousarray(user_vectors[part], dtype=np.float32)
+        if q.ndim == 3:  # K interests per user
+            top_ids[part], top_scores[part] = _search_merged(index, rows, q, k, normalize, search_params)
+            continue
         if normalize:
             q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
         scores, found = index.search(q, k, params=search_params)
@@ -423,11 +478,31 @@ def precompute_user_results(index: faiss.Index, rows: np.ndarray | None, params:
     return top_ids, top_scores
 
 
-def unpack_user_vector(value: bytes | None, dim: int) -> np.ndarray | None:
-    """A precomputed user vector, or None when absent or of the wrong size."""
-    if value is None or len(value) != 4 * dim:
+def _search_merged(index: faiss.Index, rows: np.ndarray | None, q: np.ndarray, k: int, normalize: bool,
+                   search_params: Any) -> tuple[np.ndarray, np.ndarray]:
+    """[users, K, dim] interest vectors → each user's merged top k ([users, k], -1 padded)."""
+    n_users, n_int, dim = q.shape
+    flat = q.reshape(-1, dim)
+    live = np.isfinite(flat).all(axis=1) & (flat != 0).any(axis=1)
+    owner = np.repeat(np.arange(n_users), n_int)[live]
+    flat = np.ascontiguousarray(flat[live])
+    if not len(flat):
+        return np.full((n_users, k), -1, np.int64), np.zeros((n_users, k), np.float32)
+    if normalize:
+        flat /= np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
+    scores, found = index.search(flat, k, params=search_params)
+    if rows is not None:
+        found = np.where(found >= 0, rows[np.maximum(found, 0)], -1)
+    return merge_interest_rows(owner, found, scores, n_users, k)
+
+
+def unpack_user_vector(value: bytes | None, dim: int, n_interests: int = 1) -> np.ndarray | None:
+    """A precomputed user vector ([K, dim] for K > 1 interests per user), or None when absent or of the wrong
+    size."""
+    if value is None or len(value) != 4 * dim * n_interests:
         return None
-    return np.frombuffer(value, dtype="<f4")
+    vec = np.frombuffer(value, dtype="<f4")
+    return vec if n_interests == 1 else vec.reshape(n_interests, dim)
 
 
 __all__ = ["Bundle", "IdMaps", "LoadError", "build_index", "search_ef", "load_bundle", "load_id_maps", "read_item_vectors", "read_user_vectors",

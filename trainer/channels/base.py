@@ -31,10 +31,12 @@ class RenamedParamError(ValueError):
 VOCABULARY = {
     "dim": "dimension of the published vectors",
     "reg": "L2 penalty in the objective (torch optimisers' decoupled term stays `weight_decay`)",
+    "bias_reg": "L2 penalty on bias terms, where a model has them apart from `reg`",
     "epochs": "passes over the training data (ALS sweeps included)",
     "lr": "learning rate",
     "batch_size": "examples per optimisation step",
     "top_k": "entries kept per row of a published neighbour list (or list)",
+    "u2u_top_k": "entries kept per row of a published u2u list, where a model also publishes i2i lists",
     "negatives": "the negative sampling scheme (a name)",
     "num_negatives": "how many negatives per positive (or per batch, for shared schemes)",
     "negatives_power": "negatives drawn ∝ count^negatives_power",
@@ -67,6 +69,17 @@ class VectorArtifact:
     def n_interests(self) -> int:
         """K: interest vectors per user (1 for a 2-D user_vectors)."""
         return 1 if self.user_vectors.ndim == 2 else int(self.user_vectors.shape[1])
+
+    def published_user_vectors(self) -> np.ndarray:
+        """float32 user vectors as published and served: [n_users, d], or [n_users, K, d] with every row past a
+        user's interest count zeroed (a zero row is a dead interest: the server and the evaluator skip it)."""
+        vecs = np.asarray(self.user_vectors, dtype=np.float32)
+        if vecs.ndim == 3 and self.interest_counts is not None:
+            dead = np.arange(vecs.shape[1])[None, :] >= np.asarray(self.interest_counts)[:, None]
+            if dead.any():
+                vecs = vecs.copy()
+                vecs[dead] = 0.0
+        return vecs
 
 
 @dataclass
@@ -122,6 +135,16 @@ class Channel(ABC):
         return recommend_from_artifact(self.artifacts(data)[kind], kind, data, users, k, serve or self.spec.serve)
 
 
+def user_interests(art: VectorArtifact, u: int) -> np.ndarray:
+    """User u's query vector(s) as published: [d], or [K, d] with the rows past its interest count zeroed
+    (one user's row of `VectorArtifact.published_user_vectors`)."""
+    vecs = art.user_vectors[u]
+    if vecs.ndim == 2 and art.interest_counts is not None and int(art.interest_counts[u]) < len(vecs):
+        vecs = vecs.copy()
+        vecs[max(int(art.interest_counts[u]), 0):] = 0.0
+    return vecs
+
+
 def recommend_from_artifact(art: Any, kind: str, data: TrainData, users: np.ndarray, k: int,
                             serve: ServeParams) -> list[tuple[np.ndarray, np.ndarray]]:
     """Exactly what the recall server does for one channel, evaluated in memory."""
@@ -139,7 +162,7 @@ def recommend_from_artifact(art: Any, kind: str, data: TrainData, users: np.ndar
             recents = [data.recent(int(v), serve.neighbor_items)[0] for v in nb]
             out.append(retrieval.retrieve_u2u(sims, recents, k, seen))
         elif kind == "u2i":
-            out.append(retrieval.retrieve_vector(art.user_vectors[u], art.item_vectors, k, seen))
+            out.append(retrieval.retrieve_vectors(user_interests(art, int(u)), art.item_vectors, k, seen))
         elif kind == "list":
             ids, sc = art.lists[serve.lists[0]]
             out.append(retrieval.retrieve_list(ids, sc, k, seen))

@@ -7,14 +7,16 @@ Fields: user id, user attributes, context of the interaction (environment/region
 item id, item categories (multi-valued, weight 1/n each) and other categorical or binned numeric item
 attributes. The user side (user fields + the user's latest context) and the item side each sum to one
 vector, so <[s_U, 1, c_U], [s_I, c_I, 1]> equals the full FM logit: u2i vectors, and cosine i2i / u2u
-lists over s_I / s_U (exact faiss). See docs/channels.md ("FM").
+lists over s_I / s_U (exact faiss). Attributes are encoded by the neural kit's encoder (trainer/nn/encoding.py,
+FM's options), trained with its sampler, BCE and loop; the artifacts come from the EmbeddingChannel base.
+See docs/channels.md ("FM").
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -23,11 +25,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.stats import rankdata
 from torch import nn
-from tqdm import tqdm
 
-from trainer.channels.base import Artifacts, Channel, VectorArtifact
-from trainer.channels.neighbors import cosine_neighbors
+from trainer.channels.embedding import EmbeddingChannel
 from trainer.data.train_data import TrainData
+from trainer.nn.encoding import ColumnCodes, encode_column, fm_options
+from trainer.nn.loop import Batch, LoopConfig, seeded, train_loop
+from trainer.nn.losses import bce_loss
+from trainer.nn.negatives import PowerSampler
 
 log = logging.getLogger(__name__)
 
@@ -51,60 +55,15 @@ class FieldCodes:
     vocab: list[str]
 
 
-def encode_column(name: str, s: pd.Series, multi: bool = False, n_bins: int = 10, min_count: int = 2,
-                  max_unique_fraction: float = 0.5) -> FieldCodes | None:
-    """Categorical codes of one attribute column; None for id-like columns (too many distinct values).
-
-    Numeric columns with more than `n_bins` distinct values become quantile bins; values seen fewer than
-    `min_count` times share one '<rare>' code; `multi` splits 'a|b|c' into several codes of weight 1/n.
-    """
-    n = len(s)
-    if pd.api.types.is_bool_dtype(s) or not pd.api.types.is_numeric_dtype(s):
-        tokens = s.astype("string").str.strip()
-        tokens = tokens.mask(tokens == "")
-    else:
-        num = pd.to_numeric(s, errors="coerce").astype("float64")
-        if num.nunique() > n_bins:
-            edges = np.unique(np.nanquantile(num.to_numpy(), np.linspace(0, 1, n_bins + 1)[1:-1]))
-            b = np.searchsorted(edges, num.to_numpy(), side="right")
-            tokens = pd.Series(np.where(num.isna(), None, "q" + pd.Series(b).astype(str)), dtype="string")
-        else:
-            tokens = num.astype("string")
-    if multi:
-        parts = tokens.str.split("|").explode()
-        parts = parts.str.strip()
-        parts = parts[parts.notna() & (parts != "")]
-        rows = parts.index.to_numpy(np.int64)
-        vals = parts.to_numpy(object)
-    else:
-        keep = tokens.notna().to_numpy()
-        rows = np.flatnonzero(keep).astype(np.int64)
-        vals = tokens.to_numpy(object)[keep]
-    if not len(rows):
-        return None
-    codes, uniques = pd.factorize(pd.Series(vals, dtype=object), sort=True)
-    if not multi and len(uniques) > max_unique_fraction * n and len(uniques) > n_bins:
-        return None  # id-like (titles, urls, zip codes): the id field already carries it
-    counts = np.bincount(codes, minlength=len(uniques))
-    frequent = counts >= min_count
-    new = np.cumsum(frequent) - 1
-    vocab = [str(u) for u, f in zip(uniques, frequent, strict=True) if f]
-    has_rare = (~frequent).any()
-    codes = np.where(frequent[codes], new[codes], len(vocab))
-    if has_rare:
-        vocab.append("<rare>")
-    # position of each value within its row → a dense [n_rows, m] matrix
-    order = np.argsort(rows, kind="stable")
-    rows, codes = rows[order], codes[order]
-    first = np.searchsorted(rows, rows, side="left")
-    pos = np.arange(len(rows)) - first
-    m = int(pos.max()) + 1
-    per_row = np.bincount(rows, minlength=n)
-    out = np.full((n, m), -1, np.int64)
-    wts = np.zeros((n, m), np.float32)
-    out[rows, pos] = codes
-    wts[rows, pos] = 1.0 / per_row[rows]
-    return FieldCodes(name, out, wts, vocab)
+def fm_field(fc: ColumnCodes) -> FieldCodes:
+    """FM's features of an encoded column: one per code that occurs, in code order, the rare bucket (code 0,
+    '<rare>') last; a bag's values weigh 1/n each, a missing value is no feature."""
+    used = np.unique(fc.codes[fc.codes >= 0])
+    order = np.concatenate([used[used > 0], used[used == 0]])
+    slot = np.full(fc.size, -1, np.int64)
+    slot[order] = np.arange(len(order))
+    codes = np.where(fc.codes >= 0, slot[np.clip(fc.codes, 0, None)], -1)
+    return FieldCodes(fc.name, codes, fc.weights(), [fc.labels[c] for c in order])
 
 
 @dataclass
@@ -146,7 +105,12 @@ def history_codes(data: TrainData, n: int, decay: float) -> tuple[np.ndarray, np
 def build_feature_space(data: TrainData, n_bins: int = 10, min_count: int = 2,
                         use_user_attrs: bool = True, use_item_attrs: bool = True,
                         use_context: bool = True, history_n: int = 0, history_decay: float = 0.8) -> FeatureSpace:
-    """Vocab-index every feature of `data` (ids, attributes, context, recent items) into one embedding table."""
+    """Vocab-index every feature of `data` (ids, attributes, context, recent items) into one embedding table.
+
+    Attribute columns follow the kit encoder's FM rules (`fm_options`): numbers with more than `n_bins` values in
+    quantile bins, values seen fewer than `min_count` times in one '<rare>' feature, id-like columns (more
+    distinct values than half the rows) skipped, the item category column a bag of categories."""
+    opts = fm_options(n_bins, min_count)
     offset = 1
     fields: dict[str, tuple[str, int, int]] = {}
     blocks: dict[str, list[tuple[np.ndarray, ...]]] = {"user": [], "item": [], "context": []}
@@ -174,21 +138,23 @@ def build_feature_space(data: TrainData, n_bins: int = 10, min_count: int = 2,
     add("user", FieldCodes("id", ident(data.n_users), np.ones((data.n_users, 1), np.float32), data.user_map.ids))
     if use_user_attrs and data.user_attrs is not None:
         for col in data.user_attrs.columns:
-            fc = encode_column(col, data.user_attrs[col].reset_index(drop=True), False, n_bins, min_count)
+            fc = encode_column(str(col), data.user_attrs[col], False, opts)
             if fc is not None:
-                add("user", fc)
+                add("user", fm_field(fc))
     add("item", FieldCodes("id", ident(data.n_items), np.ones((data.n_items, 1), np.float32), data.item_map.ids))
     if use_item_attrs and data.item_attrs is not None:
         cat = data.category_column
+        item_opts = replace(opts, categorical=(cat,) if cat else ())  # an integer category id is not a quantity
         for col in data.item_attrs.columns:
-            fc = encode_column(col, data.item_attrs[col].reset_index(drop=True), col == cat, n_bins, min_count)
+            fc = encode_column(str(col), data.item_attrs[col], col == cat, item_opts)
             if fc is not None:
-                add("item", fc)
+                add("item", fm_field(fc))
     if use_context:
+        ctx_opts = replace(opts, max_unique_fraction=None)  # a context value is never an id
         for col, values in sorted(data.context.items()):
-            fc = encode_column(col, pd.Series(values, dtype=object), False, n_bins, min_count, 1.0)
+            fc = encode_column(col, pd.Series(values, dtype=object), False, ctx_opts)
             if fc is not None:
-                add("context", fc)
+                add("context", fm_field(fc))
     if history_n > 0:
         codes, w, ucodes, uw = history_codes(data, history_n, history_decay)
         add("context", FieldCodes("history", codes, w, data.item_map.ids), (ucodes, uw))
@@ -298,16 +264,17 @@ class FMParams(BaseModel):
     """FM hyper-parameters; defaults chosen on the ml-100k validation split (PROTOCOL.md)."""
 
     model_config = ConfigDict(extra="forbid")
-    factors: int = Field(64, ge=1, le=1024, description="latent dimensions k")
+    dim: int = Field(64, ge=1, le=1024, description="latent dimensions k (published vectors: k + 2)")
     epochs: int = Field(10, ge=1, le=1000)
-    batch_size: int = Field(2048, ge=1, description="clicks per step (each with its neg_ratio negatives)")
+    batch_size: int = Field(2048, ge=1, description="clicks per step (each with its num_negatives negatives)")
     lr: float = Field(0.01, gt=0, description="Adam step")
     reg: float = Field(1e-4, ge=0, description="L2 on the latent vectors of each row's active features")
     reg_linear: float = Field(1e-6, ge=0, description="L2 on the linear weights of each row's active features")
     init_std: float = Field(0.01, gt=0)
-    neg_ratio: int = Field(4, ge=1, le=100, description="sampled negatives per click")
-    negative_sampling: Literal["popularity", "uniform"] = Field("uniform", description="∝ count^neg_power or uniform")
-    neg_power: float = Field(0.75, ge=0, le=2)
+    num_negatives: int = Field(4, ge=1, le=100, description="sampled negatives per click")
+    negatives: Literal["popularity", "uniform"] = Field("uniform", description="∝ count^negatives_power, or "
+                                                        "uniform over the clicked items")
+    negatives_power: float = Field(0.75, ge=0, le=2)
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="clicks held out of a first fit to report its AUC")
     refit_full: bool = Field(False, description="after the AUC fit, fit again on all clicks (2× time); "
                                                "false keeps the model trained without the held-out clicks")
@@ -318,26 +285,23 @@ class FMParams(BaseModel):
     history_decay: float = Field(0.8, gt=0, le=1, description="weight of the j-th previous item ∝ decay^j")
     n_bins: int = Field(10, ge=2, le=1000, description="quantile bins of numeric attributes")
     min_count: int = Field(2, ge=1, description="attribute values seen fewer times share one '<rare>' feature")
-    i2i_k: int = Field(100, ge=1, le=2000, description="neighbours kept per item")
-    u2u_k: int = Field(100, ge=1, le=2000, description="neighbours kept per user")
+    num_threads: int = Field(1, ge=1, le=256, description="torch threads while fitting (1: bit-reproducible)")
+    top_k: int = Field(100, ge=1, le=2000, description="neighbours kept per item (i2i) and per user (u2u)")
+    u2u_top_k: int | None = Field(None, ge=1, le=2000, description="neighbours kept per user (None: top_k)")
 
 
-class FM(Channel):
+class FM(EmbeddingChannel):
     """Factorisation machine; emits u2i vectors (inner product = FM logit), cosine i2i and u2u lists."""
 
     model = "fm"
     kinds = ("u2i", "i2i", "u2u")
     Params = FMParams
+    renamed = {"factors": "dim", "neg_ratio": "num_negatives", "negative_sampling": "negatives",
+               "neg_power": "negatives_power", "i2i_k": "top_k", "u2u_k": "u2u_top_k"}
 
-    def _sampler(self, data: TrainData, counts: np.ndarray):
+    def _sampler(self, data: TrainData, counts: np.ndarray) -> PowerSampler:
         p: FMParams = self.params
-        weight = np.power(counts.astype(np.float64), p.neg_power) if p.negative_sampling == "popularity" \
-            else (counts > 0).astype(np.float64)
-        if weight.sum() <= 0:
-            weight = np.ones(data.n_items)
-        cdf = np.cumsum(weight / weight.sum())
-        cdf[-1] = 1.0
-        return lambda rng, n: np.minimum(np.searchsorted(cdf, rng.random(n), side="right"), data.n_items - 1)
+        return PowerSampler(counts, p.negatives_power if p.negatives == "popularity" else 0.0)
 
     def _sides(self, fs: FeatureSpace, users: np.ndarray, inter: np.ndarray, items: np.ndarray):
         """FMNet.forward input for (user, interaction-context, item) triples; each distinct row once."""
@@ -360,16 +324,13 @@ class FM(Channel):
     def fit(self, data: TrainData, progress: bool = False) -> None:
         p: FMParams = self.params
         t0 = time.perf_counter()
-        rng = np.random.default_rng(self.seed)
         fs = build_feature_space(data, p.n_bins, p.min_count, p.use_user_attrs, p.use_item_attrs, p.use_context,
                                  p.history_n, p.history_decay)
         self.features = fs
         n = len(data.user_idx)
         all_rows = np.arange(n, dtype=np.int64)
         self.metrics: dict[str, float] = {}
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # bit-reproducible with the seed
-        try:
+        with seeded(self.seed, p.num_threads) as rng:
             if p.eval_fraction > 0 and n >= 20:
                 held = np.zeros(n, bool)
                 held[rng.permutation(n)[: max(1, int(round(p.eval_fraction * n)))]] = True
@@ -382,8 +343,6 @@ class FM(Channel):
             else:
                 train_rows = all_rows
                 net = self._train(data, fs, all_rows, all_rows[:0], rng, progress, "fm")
-        finally:
-            torch.set_num_threads(threads)
         self._export(net, fs, data, train_rows)
         self.metrics["fit_s"] = time.perf_counter() - t0
         self._artifacts = None
@@ -395,42 +354,43 @@ class FM(Channel):
         """One training run on `train_rows`; AUC on `eval_rows` (if any) after every epoch."""
         p: FMParams = self.params
         torch.manual_seed(self.seed)
-        sample = self._sampler(data, np.bincount(data.item_idx[train_rows], minlength=data.n_items))
+        sampler = self._sampler(data, np.bincount(data.item_idx[train_rows], minlength=data.n_items))
         # dense Adam is cheaper while the table is small; sparse rows beyond that
-        sparse = fs.n_features * p.factors > SPARSE_ABOVE
-        net = FMNet(fs.n_features, p.factors, p.init_std, sparse=sparse)
+        sparse = fs.n_features * p.dim > SPARSE_ABOVE
+        net = FMNet(fs.n_features, p.dim, p.init_std, sparse=sparse)
         tables = list(net.v.parameters()) + list(net.w.parameters())
         opts = [torch.optim.SparseAdam(tables, lr=p.lr) if sparse else torch.optim.Adam(tables, lr=p.lr),
                 torch.optim.Adam([net.w0], lr=p.lr)]
         users, items = data.user_idx.astype(np.int64), data.item_idx.astype(np.int64)
-        eval_neg = sample(rng, len(eval_rows))
-        bar = tqdm(range(p.epochs), desc=desc, disable=not progress, leave=False)
-        for _ in bar:
-            # a batch = `batch_size` clicks plus neg_ratio negatives per click sharing its user and
+        k = p.num_negatives
+        eval_neg = sampler.sample(rng, len(eval_rows))
+        epoch: dict = {}
+
+        def draw_negatives(_: int, clicks: np.ndarray) -> None:
+            # a batch = `batch_size` clicks plus num_negatives negatives per click sharing its user and
             # context, so each side (user, context, item) is computed once per distinct row
-            clicks = train_rows[rng.permutation(len(train_rows))]
-            negs = sample(rng, len(clicks) * p.neg_ratio).reshape(len(clicks), p.neg_ratio)
-            total = 0.0
-            for s in range(0, len(clicks), p.batch_size):
-                c = clicks[s:s + p.batch_size]
-                it = np.hstack([items[c, None], negs[s:s + p.batch_size]])
-                y = torch.zeros(it.shape)
-                y[:, 0] = 1.0
-                logit, l2v, l2w = self._grouped(net, fs, users, c, it)
-                bce = nn.functional.binary_cross_entropy_with_logits(logit, y, reduction="sum")
-                loss = (bce + p.reg * l2v + p.reg_linear * l2w) / logit.numel()
-                for opt in opts:
-                    opt.zero_grad()
-                loss.backward()
-                for opt in opts:
-                    opt.step()
-                total += float(bce.detach())
-            self.metrics["loss"] = total / max(1, len(clicks) * (1 + p.neg_ratio))
-            post = {"loss": f"{self.metrics['loss']:.4f}"}
-            if len(eval_rows):
-                self.metrics["auc"] = self._auc(net, fs, users, items, eval_rows, eval_neg)
-                post["auc"] = f"{self.metrics['auc']:.4f}"
-            bar.set_postfix(post)
+            epoch["negs"] = sampler.sample(rng, len(clicks) * k).reshape(len(clicks), k)
+            epoch["bce"] = 0.0
+
+        def batch_loss(b: Batch) -> torch.Tensor:
+            it = np.hstack([items[b.rows, None], epoch["negs"][b.start:b.start + len(b.rows)]])
+            logit, l2v, l2w = self._grouped(net, fs, users, b.rows, it)
+            bce = bce_loss(logit[:, 0], logit[:, 1:], balance=False, reduction="sum")
+            epoch["bce"] += float(bce.detach())
+            return (bce + p.reg * l2v + p.reg_linear * l2w) / logit.numel()
+
+        def report(_: int, __: float) -> dict[str, str]:
+            self.metrics["loss"] = epoch["bce"] / max(1, len(train_rows) * (1 + k))
+            return {"loss": f"{self.metrics['loss']:.4f}"}
+
+        def auc(_: int) -> float:
+            self.metrics["auc"] = self._auc(net, fs, users, items, eval_rows, eval_neg)
+            return self.metrics["auc"]
+
+        cfg = LoopConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, seed=self.seed, num_threads=p.num_threads,
+                         min_batch=1, progress=progress, desc=desc)
+        train_loop(batch_loss, train_rows, opts, cfg, rng, on_epoch_start=draw_negatives, on_epoch_end=report,
+                   validate=auc if len(eval_rows) else None, metric="auc")
         return net
 
     @torch.no_grad()
@@ -452,7 +412,8 @@ class FM(Channel):
 
     @torch.no_grad()
     def _export(self, net: FMNet, fs: FeatureSpace, data: TrainData, train_rows: np.ndarray) -> None:
-        """Side sums s and constants c, with features never seen in training zeroed (cold ids → attrs only)."""
+        """Side sums s and constants c, with features never seen in training zeroed (cold ids → attrs only);
+        sets the EmbeddingChannel vectors (u2i: the logit vectors; i2i / u2u: cosine over s_I / s_U)."""
         seen = np.zeros(fs.n_features, bool)
         seen[fs.user_idx[data.user_idx[train_rows]].ravel()] = True
         seen[fs.ctx_idx[train_rows].ravel()] = True
@@ -480,8 +441,9 @@ class FM(Channel):
         # <[s_U, 1, w0 + c_U], [s_I, c_I, 1]> = w0 + linear + all pairwise terms = the FM logit
         self.user_vectors = np.hstack([s_u, one_u, self.w0 + c_u[:, None]]).astype(np.float32)
         self.item_vectors = np.hstack([s_i, c_i[:, None], one_i]).astype(np.float32)
-        self.trained_items = np.bincount(data.item_idx[train_rows], minlength=data.n_items) > 0
-        self.active_users = np.diff(data.user_ptr) > 0
+        self.i2i_vectors, self.u2u_vectors = s_i, s_u
+        self.valid_items = self.trained_items = np.bincount(data.item_idx[train_rows], minlength=data.n_items) > 0
+        self.valid_users = self.active_users = np.diff(data.user_ptr) > 0
 
     def predict_rows(self, users: np.ndarray, inter: np.ndarray, items: np.ndarray) -> np.ndarray:
         """FM logits of (user, interaction-context, item) triples from the exported tables (numpy)."""
@@ -491,11 +453,3 @@ class FM(Channel):
         vx = self.V[idx] * w[..., None]
         s = vx.sum(1)
         return self.w0 + (self.W[idx] * w).sum(1) + 0.5 * (s * s - (vx * vx).sum(1)).sum(1)
-
-    def build_artifacts(self, data: TrainData) -> Artifacts:
-        if not hasattr(self, "user_vectors"):
-            raise RuntimeError("fm: call fit() before build_artifacts()")
-        p: FMParams = self.params
-        return {"u2i": VectorArtifact(item_vectors=self.item_vectors, user_vectors=self.user_vectors),
-                "i2i": cosine_neighbors(self.item_sum, p.i2i_k, valid=self.trained_items, desc="fm i2i"),
-                "u2u": cosine_neighbors(self.user_sum, p.u2u_k, valid=self.active_users, desc="fm u2u")}

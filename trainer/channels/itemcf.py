@@ -20,11 +20,13 @@ from trainer.data.train_data import TrainData
 PAIR_BUFFER = 1 << 23
 # Catalogs up to this size accumulate pair weights in a dense n×n float64 array (≤ 128 MB).
 DENSE_MAX_ITEMS = 4096
+
+
 class ItemCFParams(BaseModel):
     """ItemCF hyper-parameters; the defaults were tuned on the ml-100k validation split."""
 
     model_config = ConfigDict(extra="forbid")
-    k: int = Field(200, ge=1, le=5000, description="neighbours kept per item")
+    top_k: int = Field(200, ge=1, le=5000, description="neighbours kept per item")
     alpha: float = Field(0.5, ge=0, le=1, description="hot-item exponent: norm |N(i)|^(1-alpha)·|N(j)|^alpha")
     user_penalty: bool = Field(True, description="weight each user's pairs by 1/log(1+|N(u)|)")
     max_history: int | None = Field(200, ge=2, description="only each user's last max_history items (None: all)")
@@ -42,6 +44,7 @@ class ItemCF(Channel):
     model = "itemcf"
     kinds = ("i2i",)
     Params = ItemCFParams
+    renamed = {"k": "top_k"}
 
     def fit(self, data: TrainData, progress: bool = False) -> None:
         p: ItemCFParams = self.params
@@ -66,7 +69,7 @@ class ItemCF(Channel):
         with np.errstate(divide="ignore"):
             co.data /= counts[rows] ** (1.0 - p.alpha) * counts[co.indices] ** p.alpha
         self.stats = {"interactions_used": int(len(items)), "pairs": int(self.n_pairs), "nnz": int(co.nnz)}
-        nb, sc = sparse_top_k(co, p.k, progress=progress, desc="itemcf top-k")
+        nb, sc = sparse_top_k(co, p.top_k, progress=progress, desc="itemcf top-k")
         self._artifacts = {"i2i": NeighborArtifact(nb, sc)}
 
     def _cooccurrence_product(self, items, uid, user_w, n_items, n_users) -> sp.csr_matrix:

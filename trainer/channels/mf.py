@@ -1,7 +1,8 @@
 """Matrix factorisation: implicit-feedback ALS (implicit's solver) or FunkSVD with biases (torch SGD).
 
 Emits u2i vectors (score = <user, item>) and i2i cosine neighbour lists built from the item factors
-with an exact faiss search. See docs/channels.md ("MF") for the objectives and the tuned parameters.
+(EmbeddingChannel builds both from what `fit` sets). See docs/channels.md ("MF") for the objectives and the
+tuned parameters.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from trainer.channels.base import Artifacts, Channel, VectorArtifact
-from trainer.channels.neighbors import cosine_neighbors
+from trainer.channels.embedding import EmbeddingChannel
 from trainer.data.train_data import TrainData
 
 log = logging.getLogger(__name__)
 
 # Tuned on the ml-100k validation split (ALS) / the classic FunkSVD setting.
 DEFAULT_REG = {"als": 40.0, "funksvd": 0.05}
+
+
 def recency_weights(data: TrainData, halflife: float) -> np.ndarray:
     """Per interaction: 0.5 ** (position counted back from the user's latest interaction / halflife)."""
     lengths = np.diff(data.user_ptr)
@@ -37,10 +39,10 @@ class MFParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     algorithm: Literal["als", "funksvd"] = Field("als", description="implicit ALS or explicit FunkSVD with biases")
-    factors: int = Field(64, ge=1, le=1024, description="latent dimensions")
-    regularization: float | None = Field(None, ge=0, description="L2 weight (ALS: λ; FunkSVD: on p_u, q_i per "
-                                                                "rating); None = 40 for ALS, 0.05 for FunkSVD")
-    iterations: int = Field(30, ge=1, le=1000, description="ALS sweeps / FunkSVD epochs")
+    dim: int = Field(64, ge=1, le=1024, description="latent dimensions")
+    reg: float | None = Field(None, ge=0, description="L2 weight (ALS: λ; FunkSVD: on p_u, q_i per rating); "
+                                                     "None = 40 for ALS, 0.05 for FunkSVD")
+    epochs: int = Field(30, ge=1, le=1000, description="ALS sweeps / FunkSVD epochs")
     # ALS
     alpha: float = Field(1.0, gt=0, description="ALS: confidence = alpha · weight of each interaction")
     recency_boost: float = Field(32.0, ge=0, description="ALS: weight = 1 + boost · 0.5^(steps back from latest / halflife)")
@@ -48,23 +50,25 @@ class MFParams(BaseModel):
     num_threads: int = Field(0, ge=0, le=256, description="ALS: OpenMP threads (0 = all cores); BLAS stays at 1")
     # FunkSVD
     lr: float = Field(0.01, gt=0, description="FunkSVD: SGD step (gradients summed over a mini-batch)")
-    bias_regularization: float = Field(0.02, ge=0, description="FunkSVD: L2 weight on b_u, b_i")
+    bias_reg: float = Field(0.02, ge=0, description="FunkSVD: L2 weight on b_u, b_i")
     batch_size: int = Field(1024, ge=1, description="FunkSVD: ratings per SGD step")
     init_std: float = Field(0.1, gt=0, description="FunkSVD: std of the initial factors")
-    negatives: int | None = Field(None, ge=0, le=100,
-                                  description="FunkSVD: unobserved items per rating, target `negative_rating`; "
-                                              "None = 0 with ratings, 4 without")
+    num_negatives: int | None = Field(None, ge=0, le=100,
+                                      description="FunkSVD: unobserved items per rating, target `negative_rating`; "
+                                                  "None = 0 with ratings, 4 without")
     negative_rating: float = Field(0.0, description="FunkSVD: target of sampled negatives")
     # output
-    i2i_k: int = Field(200, ge=1, le=2000, description="neighbours kept per item in the i2i lists")
+    top_k: int = Field(200, ge=1, le=2000, description="neighbours kept per item in the i2i lists")
 
 
-class MF(Channel):
+class MF(EmbeddingChannel):
     """Implicit ALS (default) or FunkSVD; emits u2i vectors and i2i cosine lists from the item factors."""
 
     model = "mf"
     kinds = ("u2i", "i2i")
     Params = MFParams
+    renamed = {"factors": "dim", "regularization": "reg", "iterations": "epochs", "negatives": "num_negatives",
+               "bias_regularization": "bias_reg", "i2i_k": "top_k"}
 
     def fit(self, data: TrainData, progress: bool = False) -> None:
         p: MFParams = self.params
@@ -77,10 +81,12 @@ class MF(Channel):
         # items without training interactions get a zero vector (score 0) and no i2i list; nobody's neighbour
         self.trained_items = data.item_counts > 0
         self.item_vectors[~self.trained_items] = 0.0
+        # i2i: cosine over the factors alone (FunkSVD's bias dimensions left out), trained items only
+        self.i2i_vectors, self.valid_items = self.factor_item, self.trained_items
         self.metrics["fit_s"] = time.perf_counter() - t0
         self._artifacts = None
         log.info("mf[%s] fitted in %.2fs: %d users × %d items, %d factors", p.algorithm, self.metrics["fit_s"],
-                 data.n_users, data.n_items, p.factors)
+                 data.n_users, data.n_items, p.dim)
 
     def _fit_als(self, data: TrainData, progress: bool) -> None:
         from implicit.cpu.als import AlternatingLeastSquares
@@ -94,9 +100,9 @@ class MF(Channel):
         conf.sum_duplicates()
         # PROTOCOL.md: the library's own OpenMP loops use the cores, BLAS is limited to one thread
         with threadpool_limits(1, "blas"):
-            reg = DEFAULT_REG["als"] if p.regularization is None else p.regularization
-            als = AlternatingLeastSquares(factors=p.factors, regularization=reg, alpha=1.0,
-                                          iterations=p.iterations, num_threads=p.num_threads,
+            reg = DEFAULT_REG["als"] if p.reg is None else p.reg
+            als = AlternatingLeastSquares(factors=p.dim, regularization=reg, alpha=1.0,
+                                          iterations=p.epochs, num_threads=p.num_threads,
                                           random_state=self.seed)
             als.fit(conf, show_progress=progress)
         self.factor_item = np.ascontiguousarray(als.item_factors, np.float32)
@@ -108,26 +114,26 @@ class MF(Channel):
         rng = np.random.default_rng(self.seed)
         gen = torch.Generator().manual_seed(self.seed)
         has_rating = data.rating is not None
-        n_neg = p.negatives if p.negatives is not None else (0 if has_rating else 4)
+        n_neg = p.num_negatives if p.num_negatives is not None else (0 if has_rating else 4)
         if not has_rating and n_neg == 0:
-            raise ValueError("mf funksvd: the data has no 'rating' column and params.negatives is 0; "
-                             "set params.negatives > 0 to learn from clicks vs sampled negatives")
+            raise ValueError("mf funksvd: the data has no 'rating' column and params.num_negatives is 0; "
+                             "set params.num_negatives > 0 to learn from clicks vs sampled negatives")
         u_pos = data.user_idx.astype(np.int64)
         i_pos = data.item_idx.astype(np.int64)
         r_pos = data.rating.astype(np.float32) if has_rating else np.ones(len(u_pos), np.float32)
         mu = float(r_pos.mean()) if n_neg == 0 else float(
             (r_pos.sum() + n_neg * len(r_pos) * p.negative_rating) / (len(r_pos) * (1 + n_neg)))
-        k = p.factors
+        k = p.dim
         P = torch.randn(data.n_users, k, generator=gen) * p.init_std
         Q = torch.randn(data.n_items, k, generator=gen) * p.init_std
         bu = torch.zeros(data.n_users)
         bi = torch.zeros(data.n_items)
-        reg = DEFAULT_REG["funksvd"] if p.regularization is None else p.regularization
-        lr, breg = p.lr, p.bias_regularization
+        reg = DEFAULT_REG["funksvd"] if p.reg is None else p.reg
+        lr, breg = p.lr, p.bias_reg
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # index_add_ accumulation order is deterministic on one thread
         try:
-            bar = tqdm(range(p.iterations), desc="mf funksvd", disable=not progress, leave=False)
+            bar = tqdm(range(p.epochs), desc="mf funksvd", disable=not progress, leave=False)
             for _ in bar:
                 if n_neg:
                     u_neg = np.repeat(u_pos, n_neg)
@@ -165,11 +171,3 @@ class MF(Channel):
     def predict(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Model score of (user, item) pairs: the inner product of their vectors (FunkSVD: the rating)."""
         return np.einsum("ij,ij->i", self.user_vectors[users], self.item_vectors[items])
-
-    def build_artifacts(self, data: TrainData) -> Artifacts:
-        if not hasattr(self, "item_vectors"):
-            raise RuntimeError("mf: call fit() before build_artifacts()")
-        p: MFParams = self.params
-        i2i = cosine_neighbors(self.factor_item, p.i2i_k, valid=self.trained_items, desc="mf i2i")
-        return {"u2i": VectorArtifact(item_vectors=self.item_vectors, user_vectors=self.user_vectors),
-                "i2i": i2i}

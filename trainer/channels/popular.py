@@ -22,7 +22,7 @@ def ranked(counts: np.ndarray, size: int, mask: np.ndarray | None = None) -> tup
 
 class PopularParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    size: int = Field(500, ge=1, le=100_000, description="items per list")
+    top_k: int = Field(500, ge=1, le=100_000, description="items per list")
     recent_days: float = Field(7.0, gt=0, description="'recent' counts clicks in the data's last recent_days")
     categories: bool = Field(True, description="also emit one 'cat:<category>' list per item category")
 
@@ -33,22 +33,23 @@ class Popular(Channel):
     model = "popular"
     kinds = ("list",)
     Params = PopularParams
+    renamed = {"size": "top_k"}
 
     def fit(self, data: TrainData, progress: bool = False) -> None:
         p: PopularParams = self.params
         n = data.n_items
         counts = np.bincount(data.item_idx, minlength=n)
-        lists = {"global": ranked(counts, p.size)}
+        lists = {"global": ranked(counts, p.top_k)}
         if len(data.ts):
             since = data.ts.max() - p.recent_days * 86400.0
             recent = data.ts >= since
-            lists["recent"] = ranked(np.bincount(data.item_idx[recent], minlength=n), p.size)
+            lists["recent"] = ranked(np.bincount(data.item_idx[recent], minlength=n), p.top_k)
         else:
-            lists["recent"] = ranked(counts, p.size)
+            lists["recent"] = ranked(counts, p.top_k)
         if p.categories:
             codes, names = data.item_category
             for c, name in enumerate(names):
-                ids, sc = ranked(counts, p.size, codes == c)
+                ids, sc = ranked(counts, p.top_k, codes == c)
                 if len(ids):
                     lists[f"cat:{name}"] = (ids, sc)
         self._artifacts = {"list": ListArtifact(lists)}

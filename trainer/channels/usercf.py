@@ -42,7 +42,7 @@ class UserCFParams(BaseModel):
     """UserCF hyper-parameters; the defaults were tuned on the ml-100k validation split."""
 
     model_config = ConfigDict(extra="forbid")
-    k: int = Field(100, ge=1, le=5000, description="neighbours kept per user")
+    top_k: int = Field(100, ge=1, le=5000, description="neighbours kept per user")
     item_penalty: bool = Field(True, description="weight each shared item by 1/log(1+|N(i)|)")
     normalization: Literal["power", "cosine"] = Field(
         "power", description="power: |N(u)|^beta·|N(v)|^(1-beta); cosine: sqrt(P(u)·P(v)), P = Σ item weights")
@@ -57,6 +57,7 @@ class UserCF(Channel):
     model = "usercf"
     kinds = ("u2u",)
     Params = UserCFParams
+    renamed = {"k": "top_k"}
 
     def fit(self, data: TrainData, progress: bool = False) -> None:
         p: UserCFParams = self.params
@@ -81,8 +82,8 @@ class UserCF(Channel):
             done = work[start - 1] if start else 0.0
             stop = int(np.searchsorted(work, done + CHUNK_BUDGET, side="right"))
             bounds.append(min(n_users, max(stop, start + 1)))
-        ids = np.full((n_users, p.k), -1, np.int32)
-        scores = np.zeros((n_users, p.k), np.float32)
+        ids = np.full((n_users, p.top_k), -1, np.int32)
+        scores = np.zeros((n_users, p.top_k), np.float32)
         nnz = 0
         for start, stop in tqdm(list(zip(bounds[:-1], bounds[1:], strict=True)), desc="usercf similarity",
                                 disable=not progress, leave=False):
@@ -95,7 +96,7 @@ class UserCF(Channel):
                 same = (region[rows] == region[s.indices]) & (region[rows] >= 0)
                 s.data[same] *= p.region_weight
             nnz += s.nnz
-            ids[start:stop], scores[start:stop] = sparse_top_k(s, p.k, self_offset=start)
+            ids[start:stop], scores[start:stop] = sparse_top_k(s, p.top_k, self_offset=start)
         self.stats = {"interactions_used": int(len(items)), "nnz": int(nnz)}
         self._artifacts = {"u2u": NeighborArtifact(ids, scores)}
 

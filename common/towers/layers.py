@@ -1,0 +1,52 @@
+"""Forward-only building blocks of the user towers (no training code): field re-weighting, MLPs, pooling."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SENet(nn.Module):
+    """Squeeze (mean over the embedding dim) → excitation (two dense layers) → re-weight fields."""
+
+    def __init__(self, n_fields: int, reduction: int = 2):
+        super().__init__()
+        hidden = max(1, n_fields // reduction)
+        self.fc1 = nn.Linear(n_fields, hidden)
+        self.fc2 = nn.Linear(hidden, n_fields)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, F, e]
+        z = x.mean(dim=2)
+        # 2·sigmoid: weights start near 1 (a ReLU excitation can die at init and zero every field)
+        a = 2.0 * torch.sigmoid(self.fc2(torch.relu(self.fc1(z))))
+        return x * a.unsqueeze(2)
+
+
+def mlp(n_in: int, hidden: list[int], n_out: int, dropout: float) -> nn.Sequential:
+    """Linear/ReLU(/Dropout) layers then a last Linear. Dropout layers hold no weights but shift the indices of
+    the state dict's keys, so `dropout > 0` is part of the architecture."""
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(n_in, h), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        n_in = h
+    layers.append(nn.Linear(n_in, n_out))
+    return nn.Sequential(*layers)
+
+
+def offsets(sizes: list[int]) -> torch.Tensor:
+    """Start row of each column's codes in one shared embedding table (column j's code c → offsets[j] + c)."""
+    return torch.tensor(np.concatenate([[0], np.cumsum(sizes)[:-1]]) if sizes else [0], dtype=torch.int64)
+
+
+def clamp_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Ids outside [0, n) become n (the padding / unknown row)."""
+    return torch.where((ids >= 0) & (ids < n), ids, torch.full_like(ids, n))
+
+
+def masked_mean(ids: torch.Tensor, table: torch.Tensor, pad: int) -> torch.Tensor:
+    """Mean of `table` rows over each row of `ids` [B, R], leaving `pad` out (an all-padding row gives zeros)."""
+    return F.embedding_bag(ids, table, mode="mean", padding_idx=pad)

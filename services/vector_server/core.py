@@ -323,15 +323,22 @@ class VectorService:
         """Query vectors from the towers and the in-memory precomputed vectors; the channels whose precomputed
         vector must be read from Redis."""
         user_id = req.user_id
-        recent = req.recent if req.recent is not None else (state.recent_items if state else [])
+        # the user's recent items, newest first, with their times when they come from the user state (a `recent`
+        # given in the request has none: towers that use times then see 0)
+        if req.recent is not None:
+            recent, recent_ts = req.recent, None
+        else:
+            pairs = state.recent if state else []
+            recent, recent_ts = [i for i, _ in pairs], [t for _, t in pairs]
         attrs = req.attrs if req.attrs is not None else ((state.features.get("attrs") or {}) if state else {})
         vectors: dict[str, tuple[np.ndarray, str]] = {}
         for name, b in bundles.items():
             if b.tower is None:
                 continue
             maps = b.maps or self.maps
+            get = maps.item.get
             try:
-                vec = b.tower_vector(maps.user.get(user_id), attrs, maps.item_indices(recent))
+                vec = b.tower_vector(maps.user.get(user_id), attrs, [get(x) for x in recent], recent_ts)
             except Exception as exc:
                 out[name] = {"status": 503, "detail": f"user tower of channel {name!r} failed: "
                                                       f"{type(exc).__name__}: {exc}"}

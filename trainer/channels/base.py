@@ -145,27 +145,36 @@ def user_interests(art: VectorArtifact, u: int) -> np.ndarray:
     return vecs
 
 
+def _offline_i2i(art: NeighborArtifact, data: TrainData, u: int, k: int, serve: ServeParams, seen: np.ndarray):
+    recent, _ = data.recent(u, serve.recent_n)
+    lists = [(art.neighbors[i], art.scores[i]) for i in recent]
+    return retrieval.retrieve_i2i(lists, k, serve.recency_decay, serve.per_anchor, seen)
+
+
+def _offline_u2u(art: NeighborArtifact, data: TrainData, u: int, k: int, serve: ServeParams, seen: np.ndarray):
+    nb, sims = art.neighbors[u][: serve.per_anchor], art.scores[u][: serve.per_anchor]
+    keep = nb >= 0
+    recents = [data.recent(int(v), serve.neighbor_items)[0] for v in nb[keep]]
+    return retrieval.retrieve_u2u(sims[keep], recents, k, seen)
+
+
+def _offline_u2i(art: VectorArtifact, data: TrainData, u: int, k: int, serve: ServeParams, seen: np.ndarray):
+    return retrieval.retrieve_vectors(user_interests(art, u), art.item_vectors, k, seen)
+
+
+def _offline_list(art: ListArtifact, data: TrainData, u: int, k: int, serve: ServeParams, seen: np.ndarray):
+    ids, sc = art.lists[serve.lists[0]]
+    return retrieval.retrieve_list(ids, sc, k, seen)
+
+
+# The offline twin of the recall server's RETRIEVERS table: artifact kind → one user's candidates.
+OFFLINE_RETRIEVERS = {"i2i": _offline_i2i, "u2u": _offline_u2u, "u2i": _offline_u2i, "list": _offline_list}
+
+
 def recommend_from_artifact(art: Any, kind: str, data: TrainData, users: np.ndarray, k: int,
                             serve: ServeParams) -> list[tuple[np.ndarray, np.ndarray]]:
     """Exactly what the recall server does for one channel, evaluated in memory."""
-    out = []
-    for u in np.asarray(users):
-        seen, _ = data.history(int(u))
-        if kind == "i2i":
-            recent, _ = data.recent(int(u), serve.recent_n)
-            lists = [(art.neighbors[i], art.scores[i]) for i in recent]
-            out.append(retrieval.retrieve_i2i(lists, k, serve.recency_decay, serve.per_anchor, seen))
-        elif kind == "u2u":
-            nb, sims = art.neighbors[u][: serve.per_anchor], art.scores[u][: serve.per_anchor]
-            keep = nb >= 0
-            nb, sims = nb[keep], sims[keep]
-            recents = [data.recent(int(v), serve.neighbor_items)[0] for v in nb]
-            out.append(retrieval.retrieve_u2u(sims, recents, k, seen))
-        elif kind == "u2i":
-            out.append(retrieval.retrieve_vectors(user_interests(art, int(u)), art.item_vectors, k, seen))
-        elif kind == "list":
-            ids, sc = art.lists[serve.lists[0]]
-            out.append(retrieval.retrieve_list(ids, sc, k, seen))
-        else:
-            raise ValueError(f"unknown artifact kind {kind!r}")
-    return out
+    retrieve = OFFLINE_RETRIEVERS.get(kind)
+    if retrieve is None:
+        raise ValueError(f"unknown artifact kind {kind!r}")
+    return [retrieve(art, data, int(u), k, serve, data.history(int(u))[0]) for u in np.asarray(users)]

@@ -106,6 +106,10 @@ class Keyspace:
     def item_features(self, version: str, item_id: str) -> str:
         return self._k("item_features", "if", FEATURES_CHANNEL, version, item_id)
 
+    def registered_items(self) -> str:
+        """Hash item_id → packed JSON attributes of items registered through POST /items (unversioned)."""
+        return self._k("item_features", "reg", "items")
+
     def realtime_recent(self, user_id: str) -> str:
         """List of packed real-time click events, newest first (unversioned: survives rebuilds)."""
         return self._k("user_features", "rt", "recent", user_id)

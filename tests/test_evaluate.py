@@ -20,6 +20,7 @@ from trainer.evaluate import (
     evaluate,
     make_split,
     protocol_split,
+    report_markdown,
     run_evaluate_cli,
     select_channels,
     tune_merge,
@@ -117,6 +118,25 @@ def test_popular_channel_scores_match_hand_computation():
     assert curves["popular"][0] == pytest.approx(0.75) and len(curves["popular"]) == len(CURVE_KS)
 
 
+
+def test_liked_column_is_hr50_over_liked_targets_only():
+    """Ratings on the toy log's targets: u1 → 3 rated 5 (liked, rank 1), u2 → 5 rated 2 (not liked, rank 2),
+    u3 → 6 rated 4 (liked, outside the catalog: miss), u4 → 5 rated 4 (liked, rank 3): HR@50 liked = 2/3, while
+    HR@50 over everyone stays 3/4. Without ratings the column is absent."""
+    df = toy_dataset().interactions
+    rating = {("1", "3"): 5.0, ("2", "5"): 2.0, ("3", "6"): 4.0, ("4", "5"): 4.0}
+    df["rating"] = [rating.get((u, i), 3.0) for u, i in zip(df["user_id"], df["item_id"], strict=True)]
+    cfg = parse_config(CONFIG)
+    report, _ = evaluate(Dataset(interactions=df, name="toy"), cfg, ["popular"], progress=False, curve=False,
+                         calib=False)
+    row, merged = report["channels"]["popular"], report["merged"]
+    assert row["hr@50"] == pytest.approx(0.75) and row["hr@50_liked"] == pytest.approx(2 / 3)
+    assert row["n_liked_targets"] == 3 and merged["hr@50_liked"] == pytest.approx(2 / 3)
+    md = report_markdown(report)
+    assert "| HR@50 | HR@50 liked | HR@200 |" in md and "| popular | list | 0.750 | 0.667 | 0.750 |" in md
+    plain, _ = evaluate(toy_dataset(), cfg, ["popular"], progress=False, curve=False, calib=False)
+    assert "hr@50_liked" not in plain["channels"]["popular"] and "HR@50 liked" not in report_markdown(plain)
+
 # ---- the merged row ------------------------------------------------------------------------
 
 def _direct_merged(cfg, ds, names):
@@ -213,6 +233,23 @@ def test_tuning_uses_the_validation_split_only(synth_dataset):
     assert (test2["item_id"] == "999999").all()
     _, rec2 = tune_merge(cfg, specs, moved, train2, **kw)
     assert rec2["chosen"] == chosen and rec2["val_hr@50"] == rec["val_hr@50"]
+
+
+def test_tuning_starts_a_disabled_channel_at_weight_0_and_enables_it_when_chosen(synth_dataset):
+    """A disabled channel is not in the baseline merge; when the search gives it a weight it is enabled."""
+    raw = json.loads(json.dumps(CONFIG))
+    raw["channels"]["itemcf"]["enabled"] = False  # far better than popular alone on this log
+    cfg = parse_config(raw)
+    specs = select_channels(cfg, ["popular", "itemcf"])
+    kw = dict(tune_serve=False, tune_quotas=False, max_rounds=1, normalize_options=["rank"], progress=False)
+    train, _ = protocol_split(synth_dataset)
+    tuned, rec = tune_merge(cfg, specs, synth_dataset, train, **kw)
+    alone, rec_alone = tune_merge(cfg, select_channels(cfg, ["popular"]), synth_dataset, train,
+                                  **{**kw, "max_rounds": 1})
+    assert rec["baseline_val_hr@50"] == rec_alone["baseline_val_hr@50"]  # itemcf not in the baseline
+    assert rec["chosen"]["channels"]["itemcf"]["enabled"] and tuned.get("itemcf").enabled
+    assert tuned.get("itemcf").weight == rec["chosen"]["channels"]["itemcf"]["weight"] > 0
+    assert rec["val_hr@50"] > rec["baseline_val_hr@50"]
 
 
 # ---- CLI and report files --------------------------------------------------------------------------

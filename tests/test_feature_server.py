@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import orjson
+import pandas as pd
 import pytest
 
 from common.keyspace import FEATURES_CHANNEL
@@ -258,3 +259,29 @@ def test_redis_outage_gives_503_then_recovers(tmp_path, start_server):
             assert "feature_server_redis_errors_total" in c.get("/metrics").text
     finally:
         redis_srv.stop()
+
+
+def test_registered_items_are_stored_and_join_the_items_table(tmp_path, stores, settings, start_server):
+    """POST /items writes the registration hash; the nightly's reader merges it into the items table: new ids
+    appended, the items file winning for ids it lists, numeric columns kept numeric, unknown attributes dropped."""
+    from common.registered_items import read_registered_items
+    from trainer.data.registered import merge_registered
+
+    srv = start_server(["services.feature_server", "serve"], SERVER_ENV)
+    body = [{"item_id": 20, "attrs": {"category": ["tech", "news"], "words": 7, "colour": "red"}},
+            {"item_id": "10", "attrs": {"category": "tech"}}]
+    assert httpx.post(srv.url + "/items", json=body).json() == {"registered": 2}
+    assert httpx.post(srv.url + "/items", json={"item_id": "21", "attrs": {"": 1}}).status_code == 422
+    assert httpx.post(srv.url + "/items", json=[{"item_id": str(i), "attrs": {"a": 1}} for i in range(6)]
+                      ).status_code == 413  # MAX_EVENT_BATCH = 5
+    reg = read_registered_items(stores("item_features"), stores.keyspace)
+    assert reg == {"20": {"category": "tech|news", "words": 7, "colour": "red"}, "10": {"category": "tech"}}
+    got = httpx.get(srv.url + "/items/20").json()
+    assert got["registered"] and got["attrs"]["category"] == "tech|news" and got["clicks"] == 0
+    ds = load_dataset(write_dataset(tmp_path / "data"))
+    merged, ids = merge_registered(ds, reg)
+    assert ids == ["10", "20"] and list(merged.items.columns) == list(ds.items.columns)
+    assert merged.items.loc["10"].tolist() == ds.items.loc["10"].tolist()  # the file's row wins
+    assert merged.items.loc["20", "category"] == "tech|news" and merged.items.loc["20", "words"] == 7
+    assert pd.api.types.is_numeric_dtype(merged.items["words"]) and len(merged.items) == len(ds.items) + 1
+    assert merge_registered(ds, {}) == (ds, [])

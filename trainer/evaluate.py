@@ -1,7 +1,8 @@
 """`python -m trainer evaluate`: offline recall evaluation under shared PROTOCOL.md (v1).
 
 Leave-last-out split, catalog = training items, top-200 lists of unseen items, HR@50/200, NDCG@50,
-Coverage@50 and timings for every channel of the config, plus the MERGED list built by
+Coverage@50 (and HR@50 on *liked* targets where the data has ratings or events: trainer/task_metrics.py) and
+timings for every channel of the config, plus the MERGED list built by
 `common.merge.merge` (the recall server's merge). `--tune` picks merge settings on the validation split.
 """
 
@@ -30,10 +31,12 @@ from common.merge import ChannelOutput, merge, request_size
 from trainer.channels import registry
 from trainer.channels.base import Channel
 from trainer.data.errors import DataError
+from trainer.data.events import LIKE
 from trainer.data.io import Dataset, load_dataset
 from trainer.data.split import leave_last_out, validation_split
 from trainer.data.train_data import TrainData
 from trainer.metrics import calibrate, hit_rate, hr_curve, lists_to_matrix, ndcg, summarize, target_ranks
+from trainer.task_metrics import liked_hit_rate, target_events
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,7 @@ class Split:
     users: np.ndarray  # int64 internal user indices, evaluated users in test-frame order
     targets: np.ndarray  # int64 internal item indices; -1 = target outside the catalog (always a miss)
     seen: list[np.ndarray] = field(default_factory=list)  # training items per evaluated user
+    events: np.ndarray | None = None  # int8 event code of each target (trainer.data.events; LIKE = liked)
 
     @property
     def n_eval(self) -> int:
@@ -93,7 +97,7 @@ def make_split(train: pd.DataFrame, test: pd.DataFrame, dataset: Dataset | None 
         raise DataError("evaluated user without training data; the split is broken")
     targets = data.item_map.lookup(test["item_id"]).astype(np.int64)
     seen = [data.history(int(u))[0] for u in users]
-    return Split(data, users, targets, seen)
+    return Split(data, users, targets, seen, target_events(test))
 
 
 def protocol_split(dataset: Dataset) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -297,7 +301,9 @@ def tune_merge(cfg: ChannelConfig, specs: Sequence[ChannelSpec], dataset: Datase
             scores[k] = (hit_rate(ranks, 50), ndcg(ranks, 50))
         return scores[k]
 
-    state = TuneState(cfg.merge.normalize, cfg.merge.rank_offset, {s.name: s.weight for s in specs},
+    # a disabled channel starts at weight 0 (the shipped merge); the search may give it a weight, which enables it
+    state = TuneState(cfg.merge.normalize, cfg.merge.rank_offset,
+                      {s.name: s.weight if s.enabled else 0.0 for s in specs},
                       {s.name: s.quota for s in specs}, {s.name: s.serve for s in specs},
                       {s.name: s.kind for s in specs})
     baseline = score(state)
@@ -326,7 +332,7 @@ def tune_merge(cfg: ChannelConfig, specs: Sequence[ChannelSpec], dataset: Datase
             w = state.weights[c.name]
             upd: dict[str, Any] = {"quota": state.quotas[c.name], "serve": state.serve[c.name]}
             if w > 0:
-                upd["weight"] = w
+                upd["weight"], upd["enabled"] = w, True
             else:
                 upd["enabled"] = False
             c = c.model_copy(update=upd)
@@ -437,6 +443,14 @@ def evaluate(dataset: Dataset, cfg: ChannelConfig, channels: Sequence[str] | Non
             blas.restore_original_limits()
 
 
+def liked_row(mat: np.ndarray, split: Split) -> dict[str, float]:
+    """{"hr@50_liked": HR@50 over the users whose target is liked}, or {} when no target is (no ratings/events)."""
+    if split.events is None:
+        return {}
+    v = liked_hit_rate(mat, split.targets, split.events, 50)
+    return {} if np.isnan(v) else {"hr@50_liked": v, "n_liked_targets": int((split.events == LIKE).sum())}
+
+
 def _evaluate(dataset: Dataset, cfg: ChannelConfig, channels: Sequence[str] | None, repeats: int, tune: bool,
               progress: bool, curve: bool, calib: bool) -> tuple[dict, dict[str, list[float]]]:
     specs = select_channels(cfg, channels)
@@ -473,8 +487,8 @@ def _evaluate(dataset: Dataset, cfg: ChannelConfig, channels: Sequence[str] | No
                               single_users) for _ in range(repeats)]
         lists200[s.name] = clean_lists(lists, split, K, s.name)
         mat = lists_to_matrix(lists200[s.name], K)
-        rows[s.name] = {"kind": s.kind, **({"model": s.model} if s.trained else {"from": s.source}),
-                        **summarize(mat, split.targets, split.catalog_size),
+        rows[s.name] = {"kind": s.kind, **({"model": s.model} if s.trained else {"from": s.source}), "enabled": s.enabled,
+                        **summarize(mat, split.targets, split.catalog_size), **liked_row(mat, split),
                         "fit_s": _median(fit_times[s.publisher]),
                         "rec_ms_batch": 1000.0 * _median(batch_s) / split.n_eval, "rec_ms_single": _median(single)}
         if curve:
@@ -531,7 +545,7 @@ def _score_merged(setup: MergeSetup, live: Sequence[ChannelSpec], fitted: dict[s
 
     single = [time_single(one, single_users) for _ in range(repeats)]
     mat = lists_to_matrix(merged, K)
-    return {**summarize(mat, split.targets, split.catalog_size),
+    return {**summarize(mat, split.targets, split.catalog_size), **liked_row(mat, split),
             "rec_ms_batch": 1000.0 * _median(batch_s) / split.n_eval, "rec_ms_single": _median(single),
             "merge": {"normalize": setup.normalize, "rank_offset": setup.rank_offset,
                       "weights": setup.weights, "quotas": setup.quotas}}
@@ -558,15 +572,22 @@ def report_markdown(report: dict) -> str:
         lines += [f"Merge settings tuned on the **validation split** only ({t['n_val_users']} users): validation "
                   f"HR@50 {t['baseline_val_hr@50']:.4f} → {t['val_hr@50']:.4f} over {t['trials']} configurations; "
                   "chosen values are in report.json (`tuned.chosen`) and tuned_channels.yaml.", ""]
-    lines += ["| channel | kind | HR@50 | HR@200 | NDCG@50 | Coverage@50 | fit s | rec ms/user (batch) | rec ms (single) |",
-              "|---|---|---|---|---|---|---|---|---|"]
     rows = list(report["channels"].items()) + ([(MERGED, report["merged"])] if report.get("merged") else [])
+    liked = any("hr@50_liked" in r for _, r in rows)  # the column only where the targets have like events
+    if liked:
+        n = next(r["n_liked_targets"] for _, r in rows if "n_liked_targets" in r)
+        lines += [f"HR@50 liked: HR@50 over the {n:,} evaluated users whose target is liked (rating ≥ 4 or a like "
+                  "event).", ""]
+    lines += ["| channel | kind | HR@50 | " + ("HR@50 liked | " if liked else "") + "HR@200 | NDCG@50 | Coverage@50 | "
+              "fit s | rec ms/user (batch) | rec ms (single) |", "|---|---|---|" + ("---|" if liked else "") +
+              "---|---|---|---|---|---|"]
     for name, r in rows:
         label = f"**{name}**" if name == MERGED else name
         kind = r.get("kind", "+".join(r.get("channels", [])))
         if "from" in r:
             kind += f" (from {r['from']})"
-        lines.append(f"| {label} | {kind} | {_f(r['hr@50'])} | {_f(r['hr@200'])} | {_f(r['ndcg@50'])} | "
+        liked_cell = f"{_f(r.get('hr@50_liked'))} | " if liked else ""
+        lines.append(f"| {label} | {kind} | {_f(r['hr@50'])} | {liked_cell}{_f(r['hr@200'])} | {_f(r['ndcg@50'])} | "
                      f"{_f(r['coverage@50'])} | {_f(r['fit_s'], 2)} | {_f(r['rec_ms_batch'], 3)} | "
                      f"{_f(r['rec_ms_single'], 3)} |")
     if report["dataset"] == "ml-100k":

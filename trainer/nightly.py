@@ -136,11 +136,12 @@ def run_nightly(settings: Settings, data_dir: str | Path | None = None, config_p
             except redis.exceptions.RedisError as exc:
                 raise ConnectionError(f"Redis at {_redact(settings.redis_url)} is unreachable: {exc}") from None
         with run.stage("load"):
-            dataset = _load(data_dir)
+            dataset, registered = _registered(stores, _load(data_dir))
             summary["data"] = summary["data"] or dataset.name
-            summary["counts"].update(n_rows=int(len(dataset.interactions)), dataset=dataset.name)
+            summary["counts"].update(n_rows=int(len(dataset.interactions)), dataset=dataset.name,
+                                     registered_items=len(registered))
         with run.stage("ids"):
-            data = _ids(stores, dataset, summary)
+            data = _ids(stores, dataset, summary, registered)
         with run.stage("features"):
             from trainer.feature_build import publish_features
 
@@ -172,12 +173,22 @@ def _load(data_dir: str | Path | None):
     return load_dataset(data_dir)
 
 
-def _ids(stores: RedisStores, dataset, summary: dict[str, Any]):
-    """Extend the published id maps with this dataset's ids (append-only) and index the data on them."""
+def _registered(stores: RedisStores, dataset):
+    """(dataset with the items registered through the feature server's POST /items, their ids)."""
+    from common.registered_items import read_registered_items
+    from trainer.data.registered import merge_registered
+
+    return merge_registered(dataset, read_registered_items(stores("item_features"), stores.keyspace))
+
+
+def _ids(stores: RedisStores, dataset, summary: dict[str, Any], registered: list[str] | None = None):
+    """Extend the published id maps with this dataset's ids and the registered items (append-only) and index the
+    data on them."""
     from trainer.data.train_data import TrainData
 
     user_map, item_map = load_id_map(stores, "user"), load_id_map(stores, "item")
     n_u0, n_i0 = len(user_map), len(item_map)
+    item_map.extend(registered or [])
     data = TrainData.from_frame(dataset.interactions, dataset.users, dataset.items, user_map, item_map)
     publish_id_map(stores, "user", data.user_map)
     publish_id_map(stores, "item", data.item_map)

@@ -17,6 +17,9 @@ import torch
 from torch import nn
 
 from common.towers.layers import SENet
+from common.towers.mind import MindTower, mind_twin
+from common.towers.multitask import MultiTaskUserTower, multitask_twin
+from common.towers.sdm_twin import SDMTower, sdm_twin
 from common.towers.two_tower_user import UserTower
 
 # (user [1], attrs [1, A], recent [1, R], recent_ts [1, R]) → [d] (or [K, d] for a K-interest tower)
@@ -102,6 +105,9 @@ def two_tower_user_twin(module: nn.Module, meta: dict[str, Any]) -> TowerFn | No
 # architecture tag → twin builder (module, meta) → numpy forward or None
 TWINS: dict[str, Callable[[nn.Module, dict[str, Any]], TowerFn | None]] = {
     UserTower.arch: two_tower_user_twin,
+    MindTower.arch: mind_twin,
+    MultiTaskUserTower.arch: multitask_twin,
+    SDMTower.arch: sdm_twin,
 }
 
 

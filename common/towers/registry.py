@@ -20,12 +20,22 @@ import torch
 from torch import nn
 
 from common.towers.base import Tower
+from common.towers.mind import MindTower
+from common.towers.multitask import MultiTaskUserTower
+from common.towers.neural_cf import NeuMFTower
 from common.towers.recent_decay import RecentDecayTower
+from common.towers.sdm import SDMTower
 from common.towers.two_tower_user import UserTower
+from common.towers.youtube_dnn import YouTubeDNNTower
 
 ARCHS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
+    NeuMFTower.arch: NeuMFTower.from_hparams,
     UserTower.arch: UserTower.from_hparams,
     RecentDecayTower.arch: RecentDecayTower.from_hparams,
+    YouTubeDNNTower.arch: YouTubeDNNTower.from_hparams,
+    MindTower.arch: MindTower.from_hparams,
+    MultiTaskUserTower.arch: MultiTaskUserTower.from_hparams,
+    SDMTower.arch: SDMTower.from_hparams,
 }
 
 # keys that the inputs half of the meta and the hyper-parameters both state: they must agree

@@ -1,6 +1,7 @@
 """Feature server: merged user features (batch + real-time), item features, real-time click events.
 
-Endpoints: GET /users/{id}, GET /items/{id}, POST /events, GET /healthz, GET /metrics (Prometheus), /docs.
+Endpoints: GET /users/{id}, GET /items/{id}, POST /items (register new items with attributes), POST /events,
+GET /healthz, GET /metrics (Prometheus), /docs.
 Redis being unreachable is answered with 503 naming Redis; the clients reconnect by themselves.
 """
 
@@ -25,6 +26,12 @@ from common.redis_conn import AsyncRedisStores
 from common.redis_url import resolve_redis_url, safe_url
 from common.settings import Settings, get_settings
 from common.versions import VersionWatcher
+from services.feature_server.registration import (
+    REGISTRATIONS,
+    ItemRegistration,
+    registered_items_key,
+    registration_mapping,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +139,12 @@ def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) ->
     return Response(pack_json(obj), status_code=status, media_type="application/json", headers=headers)
 
 
-def format_errors(exc: ValidationError, limit: int = 5) -> list[str]:
-    """'events[3].timestamp: message' for the first `limit` errors."""
+def format_errors(exc: ValidationError, limit: int = 5, name: str = "events") -> list[str]:
+    """'events[3].timestamp: message' (`name` = events | items) for the first `limit` errors."""
     out = []
     for err in exc.errors(include_url=False)[:limit]:
         loc = err["loc"]
-        path = f"events[{loc[0]}]" if loc else "events"
+        path = f"{name}[{loc[0]}]" if loc else name
         path += "".join(f".{p}" for p in loc[1:])
         msg = err["msg"].removeprefix("Value error, ")
         out.append(f"{path}: {msg}")
@@ -156,6 +163,8 @@ class Metrics:
                                        registry=self.registry)
         self.events_rejected = Counter("feature_server_events_rejected_total", "Click events rejected (whole batches)",
                                        ["reason"], registry=self.registry)
+        self.items_registered = Counter("feature_server_items_registered_total", "Items registered (POST /items)",
+                                        registry=self.registry)
         self.redis_errors = Counter("feature_server_redis_errors_total", "Requests failed because of Redis",
                                     ["endpoint"], registry=self.registry)
 
@@ -249,12 +258,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if version:
             pipe.get(ks.item_features(version, item_id))
         pipe.get(ks.realtime_item_clicks(item_id))
+        pipe.hget(registered_items_key(ks), item_id)
         res = await pipe.execute()
         batch = unpack_json(res[0]) if version else None
-        rt = int(res[-1] or 0)
-        if batch is None and rt == 0:
+        rt, registered = int(res[-2] or 0), unpack_json(res[-1])
+        if batch is None and rt == 0 and registered is None:
             raise RequestError(404, f"unknown item {item_id!r}")
-        rec = batch or {"item_id": item_id, "clicks": 0, "created_ts": None, "category": None, "attrs": {}}
+        rec = batch or {"item_id": item_id, "clicks": 0, "created_ts": None, "category": None,
+                        "attrs": registered or {}}
+        if registered is not None:
+            rec["registered"] = True  # registered through POST /items (attrs: the registration until a build)
         rec["clicks"] = int(rec.get("clicks", 0)) + rt
         rec["realtime_clicks"] = rt
         return _json(rec, headers={"X-Features-Version": version or ""})
@@ -271,6 +284,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 metrics.events_rejected.labels("too_large").inc()
                 raise RequestError(413, f"request body exceeds the limit of {max_body} bytes")
         return bytes(body)
+
+    @app.post("/items", summary="Register new items with their attributes (served after the next nightly run)",
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
+                  "oneOf": [{"type": "array", "items": {"$ref": "#/components/schemas/ItemRegistration"}},
+                            {"$ref": "#/components/schemas/ItemRegistration"}]}}}}})
+    async def post_items(request: Request) -> Response:
+        body = await read_body(request)
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise RequestError(422, f"body is not valid JSON: {exc}") from None
+        if isinstance(payload, dict):
+            payload = [payload]
+        if not isinstance(payload, list):
+            raise RequestError(422, 'body must be an item {"item_id": ..., "attrs": {...}} or a list of them')
+        if len(payload) > settings.max_event_batch:
+            raise RequestError(413, f"batch of {len(payload)} items exceeds max_event_batch={settings.max_event_batch}")
+        try:
+            items = REGISTRATIONS.validate_python(payload)
+        except ValidationError as exc:
+            errors = format_errors(exc, name="items")
+            raise RequestError(422, "; ".join(errors), errors=errors) from None
+        if items:
+            await request.app.state.astores("item_features").hset(registered_items_key(ks),
+                                                                  mapping=registration_mapping(items))
+            metrics.items_registered.inc(len(items))
+        return _json({"registered": len(items)})
 
     @app.post("/events", summary="Record click events (atomic per batch)",
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
@@ -331,7 +371,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _add_schemas(app: FastAPI) -> None:
-    """Put Event/EventsBody into the OpenAPI components (the /events body is parsed by hand)."""
+    """Put Event/EventsBody/ItemRegistration into the OpenAPI components (those bodies are parsed by hand)."""
     base = app.openapi
 
     def openapi() -> dict:
@@ -342,6 +382,9 @@ def _add_schemas(app: FastAPI) -> None:
         body = EventsBody.model_json_schema(ref_template="#/components/schemas/{model}")
         comps.update(body.pop("$defs", {}))
         comps["EventsBody"] = body
+        reg = ItemRegistration.model_json_schema(ref_template="#/components/schemas/{model}")
+        comps.update(reg.pop("$defs", {}))
+        comps["ItemRegistration"] = reg
         app.openapi_schema = schema
         return schema
 

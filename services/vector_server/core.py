@@ -372,7 +372,7 @@ class VectorService:
                 excluded[id(maps)] = sorted_ids(maps.item_indices(excl)) if excl else None
             exclude = excluded[id(maps)]
             found = b.precomputed_search(req.user_id, req.channels[name], exclude) if source == "precomputed" else None
-            ids, scores = found if found is not None else b.search(vec, req.channels[name], exclude)
+            ids, scores = found if found is not None else b.search_user(vec, req.channels[name], exclude)
             res: dict[str, Any] = {"status": 200, "version": b.version, "source": source, "ids": ids, "scores": scores}
             if req.item_ids:
                 res["item_ids"] = maps.external_items(ids)

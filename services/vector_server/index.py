@@ -26,6 +26,8 @@ from common.redis_conn import RedisStores
 from common.retrieval import live_interests, merge_interest_rows, merge_interests, sorted_ids
 from common.towers import TowerError, TowerInputs, encode_user_inputs, matches, numpy_twin
 from common.towers import load_tower as rebuild_tower
+from common.towers.rescore import RescoreSettings, rescore_settings, two_stage
+from common.towers.rescore import prepare as prepare_rescorer
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +137,9 @@ class Bundle:
     tower_fn: Any = None  # its numpy twin (common/towers/numpy_twin.py), used on requests when set
     tower_meta: dict[str, Any] = field(default_factory=dict)
     tower_error: str | None = None
+    # the tower also rescores the first stage's candidates (tower meta "rescore", common/towers/rescore.py)
+    rescore: RescoreSettings | None = None
+    index_dims: int = 0  # the index holds the first index_dims columns (the rest are zero for every item); 0: all
     maps: IdMaps | None = None  # private id maps (artifacts dir) when the published ones are too short
     user_vectors: np.ndarray | None = None  # precomputed user vectors held in memory (rows: user index), or None
     user_present: np.ndarray | None = None  # bool per row: the version has a vector for that user
@@ -176,6 +181,8 @@ class Bundle:
         if kk <= 0:
             return EMPTY_IDS, EMPTY_SCORES
         q = np.ascontiguousarray(q, dtype=np.float32).reshape(1, self.dim)
+        if self.index_dims:
+            q = np.ascontiguousarray(q[:, : self.index_dims])
         if self.normalize:
             q = q / max(float(np.linalg.norm(q)), 1e-12)
         params = self._default_params
@@ -192,6 +199,13 @@ class Bundle:
                                          np.iinfo(np.int64).max, k)
         return ids[:k].astype(np.int64, copy=False), scores[:k]
 
+    def search_user(self, q: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """A user's top-k: `search`, or for a rescoring tower `two_stage` (faiss first stage, the tower's score of
+        its candidates; the function the evaluator runs)."""
+        if self.rescore is None:
+            return self.search(q, k, exclude)
+        return two_stage(self.tower, q, k, exclude, lambda n: self.search(q, n, exclude), self.rescore)
+
     def search_interests(self, q: np.ndarray, k: int, exclude: np.ndarray | None = None
                          ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k for a user of several interest vectors: each live one (zero and non-finite rows dropped) searched
@@ -203,6 +217,8 @@ class Bundle:
         kk = min(k + (0 if exclude is None else len(exclude)), self.n_indexed)
         if kk <= 0:
             return EMPTY_IDS, EMPTY_SCORES
+        if self.index_dims:
+            live = live[:, : self.index_dims]
         if self.normalize:
             live = live / np.maximum(np.linalg.norm(live, axis=1, keepdims=True), 1e-12)
         params = self._default_params
@@ -244,7 +260,8 @@ class Bundle:
         """Search every user's precomputed vector once (channels without a user tower, whose query per user is
         fixed for the version) and keep the results for `precomputed_search`; False when not applicable, too
         big for `max_bytes`, or `stop` was set. Blocking: run it in a thread after the bundle serves."""
-        if self.user_vectors is None or self.tower is not None or not params.precompute_k or not self.n_indexed:
+        if (self.user_vectors is None or self.tower is not None or not params.precompute_k or not self.n_indexed
+                or self.index_dims):
             return False
         top = precompute_user_results(self.index, self.row_to_item, params, self.user_vectors, self.user_present,
                                       self.normalize, max_bytes, f"channel {self.channel} version {self.version}",
@@ -270,7 +287,9 @@ class Bundle:
                 "n_interests": self.n_interests,
                 "index": self.index_type, "index_params": self.index_desc, "tower": self.tower is not None,
                 "tower_runtime": ("numpy" if self.tower_fn is not None else "torch") if self.tower is not None else None,
-                "tower_error": self.tower_error, "precomputed_results": self._precomputed_info(),
+                "tower_error": self.tower_error, "rescore": None if self.rescore is None else vars(self.rescore),
+                "index_dims": self.index_dims or self.dim,
+                "precomputed_results": self._precomputed_info(),
                 "publisher": self.publisher, "load_s": round(self.load_s, 3), "loaded_at": self.loaded_at}
 
     def _precomputed_info(self) -> dict[str, int] | None:
@@ -397,9 +416,11 @@ def load_bundle(stores: RedisStores, spec: ChannelSpec, version: str, maps: IdMa
     if len(vectors) < n_items:
         log.warning("channel %s version %s: %d of %d item vectors missing; skipped", spec.name, version,
                     n_items - len(vectors), n_items)
-    index, keep, desc = build_index(vectors, spec.index)
+    tower_meta = dict(manifest.get("user_tower_meta") or {})
+    index_dims = first_stage_dims(vectors, tower_meta, normalize)
+    index, keep, desc = build_index(np.ascontiguousarray(vectors[:, :index_dims]) if index_dims else vectors, spec.index)
 
-    tower, tower_meta, tower_error, tower_fn = None, dict(manifest.get("user_tower_meta") or {}), None, None
+    tower, tower_error, tower_fn = None, None, None
     if manifest.get("has_user_tower"):
         try:
             blob = stores("item_emb").get(stores.keyspace.user_tower(publisher, version))
@@ -412,6 +433,9 @@ def load_bundle(stores: RedisStores, spec: ChannelSpec, version: str, maps: IdMa
             log.error("channel %s version %s: user tower unusable, falling back to precomputed vectors: %s",
                       spec.name, version, tower_error)
 
+    rescore = rescore_settings(tower_meta, tower) if tower is not None else None
+    if rescore is not None:
+        prepare_rescorer(tower)  # its catalogue and numpy scorer, before the first request
     private_maps = None
     if maps is None or len(maps.item) < n_items:  # published maps too short (or newer than ours): re-read, then files
         private_maps = load_id_maps(stores)
@@ -431,9 +455,20 @@ def load_bundle(stores: RedisStores, spec: ChannelSpec, version: str, maps: IdMa
                   n_indexed=int(index.ntotal), index_type=spec.index.type if len(vectors) else "flat",
                   index_desc=desc, index=index, row_to_item=rows, normalize=normalize,
                   ef_search=spec.index.ef_search, ef_factor=spec.index.ef_factor, nprobe=spec.index.nprobe, tower=tower, tower_fn=tower_fn, tower_meta=tower_meta,
-                  tower_error=tower_error, maps=private_maps, manifest=manifest, user_vectors=user_vectors,
+                  tower_error=tower_error, rescore=rescore, index_dims=index_dims, maps=private_maps, manifest=manifest, user_vectors=user_vectors,
                   user_present=user_present, user_map=user_map, n_interests=n_interests,
                   load_s=time.perf_counter() - t0, keep=keep)
+
+
+def first_stage_dims(vectors: np.ndarray, tower_meta: dict[str, Any], normalize: bool) -> int:
+    """For a rescoring channel (tower meta "rescore") whose item vectors end in columns that are zero for every item
+    (NeuMF: `[q_i ; 0]`, the query's tail feeds only the rescorer), the columns the index needs; 0 otherwise (all).
+    The inner products, and so the first stage, are unchanged."""
+    if normalize or not len(vectors) or rescore_settings(tower_meta) is None:
+        return 0
+    used = np.flatnonzero(vectors.any(axis=0))
+    n = int(used[-1]) + 1 if len(used) else vectors.shape[1]
+    return n if n < vectors.shape[1] else 0
 
 
 def precompute_user_results(index: faiss.Index, rows: np.ndarray | None, params: IndexParams, user_vectors: np.ndarray,

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict
 
 from common import retrieval
 from common.channel_config import ChannelSpec, ServeParams
+from common.towers import load_tower
+from common.towers.rescore import RESCORE_KEY, RescoreSettings, rescore_settings, two_stage
 from trainer.data.train_data import TrainData
 
 
@@ -158,8 +160,26 @@ def _offline_u2u(art: NeighborArtifact, data: TrainData, u: int, k: int, serve: 
     return retrieval.retrieve_u2u(sims[keep], recents, k, seen)
 
 
+def served_rescorer(art: VectorArtifact) -> tuple[Any, RescoreSettings] | None:
+    """(module rebuilt from the published tower bytes, settings) when the artifact's tower rescores (meta "rescore",
+    common/towers/rescore.py), else None; rebuilt once per artifact, as the vector server loads it."""
+    if art.user_tower is None or RESCORE_KEY not in art.user_tower_meta:
+        return None
+    cached = art.__dict__.get("_rescorer")
+    if cached is None or cached[0] is not art.user_tower:
+        module = load_tower(art.user_tower, art.user_tower_meta)
+        settings = rescore_settings(art.user_tower_meta, module)
+        cached = art.__dict__["_rescorer"] = (art.user_tower, None if settings is None else (module, settings))
+    return cached[1]
+
+
 def _offline_u2i(art: VectorArtifact, data: TrainData, u: int, k: int, serve: ServeParams, seen: np.ndarray):
-    return retrieval.retrieve_vectors(user_interests(art, u), art.item_vectors, k, seen)
+    q = user_interests(art, u)
+    rescorer = served_rescorer(art)
+    if rescorer is None:
+        return retrieval.retrieve_vectors(q, art.item_vectors, k, seen)
+    module, settings = rescorer  # the vector server's Bundle.search_user, the exact search as first stage
+    return two_stage(module, q, k, seen, lambda n: retrieval.retrieve_vectors(q, art.item_vectors, n, seen), settings)
 
 
 def _offline_list(art: ListArtifact, data: TrainData, u: int, k: int, serve: ServeParams, seen: np.ndarray):

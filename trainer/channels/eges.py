@@ -1,0 +1,247 @@
+"""EGES (Wang et al., KDD 2018, "Billion-scale Commodity Embedding for E-commerce Recommendation in Alibaba"):
+skip-gram over weighted random walks on the session item graph, with side information and item cold start.
+
+1. Sessions (`trainer.data.sessions`, 30-minute rule) → a directed, weighted item graph: the weight of i → j is
+   the number of consecutive i → j transitions inside sessions.
+2. `walks_per_node` weighted random walks (next node ∝ edge weight; `trainer.graph.walks.random_walks`) of
+   `walk_length` nodes from every node with an out-edge.
+3. Skip-gram with negative sampling over the walks (`trainer.nn.skipgram`) where the centre is the aggregation of
+   the item's id embedding W_0(v) and its side-information embeddings W_j(v) (every usable item column, encoded
+   by the kit's `encode_attrs`: category, brand, market, tags, genres, release year, …):
+
+       EGES  H_v = Σ_j softmax(a_v)_j · W_j(v)      a_v ∈ R^{n+1} learned per item
+       GES   H_v = mean_j W_j(v)
+       BGE   H_v = W_0(v)                           (id only: DeepWalk)
+
+   and the context is a separate output embedding z_v.
+4. Item vectors: H_v for items on the walks; an item with no behaviour (not on any walk: no interaction, or
+   never followed / followed by another item in a session) gets the **average of its known side-information
+   embeddings** (never its id embedding or a_v: both are untrained for it). The base builds cosine i2i lists over
+   both, so a cold item gets neighbours and is a neighbour of others (docs/channels.md, "EGES").
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from trainer.channels.embedding import EmbeddingChannel
+from trainer.data.io import item_field_column
+from trainer.data.sessions import split_sessions
+from trainer.data.train_data import TrainData
+from trainer.graph.walks import CSRGraph, csr_from_edges, random_walks
+from trainer.nn.encoding import AttrEncoding, encode_attrs
+from trainer.nn.skipgram import Corpus, SkipGramConfig, SkipGramResult, train_skipgram
+
+Aggregation = Literal["eges", "ges", "bge"]
+
+
+class EGESParams(BaseModel):
+    """Hyper-parameters of the EGES channel (docs/channels.md, "EGES"; figures in docs/benchmarks.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    aggregation: Aggregation = Field("eges", description="eges: softmax(a_v)-weighted sum; ges: plain mean; bge: id only")
+    dim: int = Field(32, ge=2, le=1024)
+    side_info: list[str] | None = Field(None, description="item columns used as side information (null: every "
+                                        "usable column)")
+    session_gap_s: int | None = Field(1800, ge=0, description="gap that starts a new session; null = whole history")
+    walks_per_node: int = Field(30, ge=1, le=1000, description="walks started from every node with an out-edge")
+    walk_length: int = Field(10, ge=2, le=1000, description="nodes per walk (the start included)")
+    window: int = Field(5, ge=1, le=1000, description="skip-gram context positions on each side")
+    shrink_window: bool = Field(True, description="word2vec's random per-centre window in [1, window]")
+    negatives: Literal["per_pair", "shared"] = Field("per_pair", description="per_pair: word2vec's own draws for "
+                                                     "every pair; shared: one draw per batch, scored by one matmul")
+    num_negatives: int = Field(5, ge=1, le=10_000, description="negatives per pair (per batch when shared)")
+    negatives_power: float = Field(0.75, ge=-2, le=2, description="negatives drawn ∝ count^negatives_power")
+    sample: float = Field(1e-3, ge=0, le=1, description="frequent-item subsampling threshold (0 = off)")
+    epochs: int = Field(10, ge=1, le=1000)
+    lr: float = Field(0.03, gt=0, le=10)
+    batch_size: int = Field(4096, ge=2, le=1_000_000)
+    id_prior: float = Field(0.0, ge=-10, le=10, description="initial a_v logit of the id embedding (side-info "
+                            "logits start at 0; 0 = uniform weights)")
+    cold_start: bool = Field(True, description="items without behaviour get the mean of their side-info embeddings")
+    top_k: int = Field(100, ge=1, le=2000, description="neighbours published per item")
+    num_threads: int = Field(1, ge=1, le=64, description="torch threads while fitting")
+
+
+def side_info_frame(attrs: pd.DataFrame | None, columns: list[str] | None = None) -> tuple[pd.DataFrame | None, list[str]]:
+    """The item attribute columns used as side information, with date strings turned into years (ml-100k's
+    release date → release year); returns (frame, columns to encode as categories: years and category/brand/market)."""
+    if attrs is None:
+        return None, []
+    if columns is not None:
+        missing = [c for c in columns if c not in attrs.columns]
+        if missing:
+            raise ValueError(f"eges: side_info columns {missing} not in the items table (has {list(attrs.columns)})")
+        attrs = attrs[columns]
+    out, categorical = attrs.copy(), []
+    for col in attrs.columns:
+        s = attrs[col]
+        if s.dtype == object or pd.api.types.is_string_dtype(s):
+            txt = s.dropna().astype(str)
+            if len(txt) and txt.str.contains(r"\d", regex=True).all() and txt.str.contains(r"[-/ ]", regex=True).all():
+                parsed = pd.to_datetime(s, errors="coerce", format="mixed")
+                if parsed.notna().sum() >= 0.9 * s.notna().sum():
+                    out[col] = parsed.dt.year.astype("Int64")
+                    categorical.append(col)
+    for fld in ("category", "brand", "market"):
+        col = item_field_column(out, fld)
+        if col is not None:
+            categorical.append(col)
+    return out, categorical
+
+
+def encode_side_info(data: TrainData, columns: list[str] | None = None) -> AttrEncoding:
+    """Side-information fields of every item (kit encoder: bags for `a|b` columns, code 0 = rare/unknown)."""
+    frame, categorical = side_info_frame(data.item_attrs, columns)
+    return encode_attrs(frame, data.n_items, multi_valued=True, categorical=categorical)
+
+
+def session_graph(data: TrainData, gap_s: int | None) -> CSRGraph:
+    """Directed item graph: weight of i → j = number of consecutive i → j transitions inside sessions."""
+    sess = split_sessions(data.user_idx, data.ts, gap_s)
+    same = sess[1:] == sess[:-1]
+    src, dst = data.item_idx[:-1][same], data.item_idx[1:][same]
+    keep = src != dst
+    return csr_from_edges(src[keep], dst[keep], np.ones(int(keep.sum())), data.n_items, data.n_items)
+
+
+class SideInfoEmbedding(nn.Module):
+    """The EGES centre H_v: id embedding W_0 and one embedding table per side-information field W_1..W_n, combined
+    by `aggregation`. Every table is a registered submodule (nn.ModuleList), so the optimiser trains them all."""
+
+    def __init__(self, n_items: int, dim: int, codes: list[np.ndarray], sizes: list[int],
+                 aggregation: Aggregation = "eges", init_scale: float = 0.5, id_prior: float = 0.0):
+        super().__init__()
+        self.aggregation = aggregation
+        self.id_emb = nn.Embedding(n_items, dim)
+        self.fields = nn.ModuleList([nn.Embedding(max(s, 1), dim) for s in sizes])
+        self.attn = nn.Embedding(n_items, len(sizes) + 1)  # a_v; zeros → uniform weights at the start (= GES)
+        for t in [self.id_emb, *self.fields]:
+            nn.init.uniform_(t.weight, -init_scale / dim, init_scale / dim)
+        nn.init.zeros_(self.attn.weight)
+        with torch.no_grad():
+            self.attn.weight[:, 0] = id_prior  # a_v starts at (id_prior, 0, …, 0)
+        for j, c in enumerate(codes):  # [n_items, width] codes, -1 = empty slot; mean-pooled over filled slots
+            c = torch.as_tensor(np.asarray(c, np.int64))
+            filled = (c >= 0).float()
+            self.register_buffer(f"codes_{j}", c.clamp(min=0), persistent=False)
+            self.register_buffer(f"w_{j}", filled / filled.sum(1, keepdim=True).clamp(min=1), persistent=False)
+            self.register_buffer(f"known_{j}", ((c > 0).float()), persistent=False)
+            self.register_buffer(f"trained_{j}", torch.ones(max(sizes[j], 1)), persistent=False)
+
+    def mark_trained(self, items: torch.Tensor) -> None:
+        """Only the field values some of `items` (the walked items) hold were trained: cold vectors use only those."""
+        for j in range(self.n_fields):
+            seen = torch.zeros_like(getattr(self, f"trained_{j}"))
+            codes, known = getattr(self, f"codes_{j}")[items], getattr(self, f"known_{j}")[items]
+            seen[codes[known > 0]] = 1.0
+            getattr(self, f"trained_{j}").copy_(seen)
+
+    @property
+    def n_fields(self) -> int:
+        return len(self.fields)
+
+    def field_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B, n_fields, d]: W_j(v) of each side-information field (bags mean-pooled)."""
+        out = []
+        for j, table in enumerate(self.fields):
+            codes, w = getattr(self, f"codes_{j}")[ids], getattr(self, f"w_{j}")[ids]
+            out.append((table(codes) * w.unsqueeze(-1)).sum(1))
+        return torch.stack(out, 1) if out else torch.zeros(len(ids), 0, self.id_emb.embedding_dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B, d]: H_v."""
+        if self.aggregation == "bge" or self.n_fields == 0:
+            return self.id_emb(ids)
+        stack = torch.cat([self.id_emb(ids).unsqueeze(1), self.field_embeddings(ids)], 1)  # [B, n+1, d]
+        if self.aggregation == "ges":
+            return stack.mean(1)
+        return (torch.softmax(self.attn(ids), -1).unsqueeze(-1) * stack).sum(1)
+
+    def cold_vectors(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, d] the mean of the item's known side-information embeddings, bool [B] has any): reads only the
+        side-information tables — never the id embedding or a_v, which an item without behaviour never trained.
+        A field counts when one of its values is known (code > 0) and trained (`mark_trained`); a bag averages
+        those values."""
+        b, d = len(ids), self.id_emb.embedding_dim
+        total, n = torch.zeros(b, d), torch.zeros(b)
+        for j, table in enumerate(self.fields):
+            codes = getattr(self, f"codes_{j}")[ids]
+            known = getattr(self, f"known_{j}")[ids] * getattr(self, f"trained_{j}")[codes]
+            cnt = known.sum(1)
+            val = (table(codes) * known.unsqueeze(-1)).sum(1) / cnt.clamp(min=1).unsqueeze(-1)
+            has = cnt > 0
+            total += val * has.unsqueeze(-1)
+            n += has.float()
+        return total / n.clamp(min=1).unsqueeze(-1), n > 0
+
+
+class EGESChannel(EmbeddingChannel):
+    """EGES item embeddings (walks on the session graph + side information) → cosine i2i lists, cold items included."""
+
+    model = "eges"
+    kinds = ("i2i",)
+    Params = EGESParams
+
+    def fit(self, data: TrainData, progress: bool = False) -> None:
+        p: EGESParams = self.params
+        t0 = time.perf_counter()
+        self._artifacts = None
+        n = data.n_items
+        # BGE trains no side-information table, so it has nothing to give a cold item either
+        enc = encode_side_info(data, p.side_info) if p.aggregation != "bge" else AttrEncoding(n_rows=n)
+        self.side_info_columns = enc.columns
+        graph = session_graph(data, p.session_gap_s)
+        starts = np.repeat(np.flatnonzero(graph.degree > 0), p.walks_per_node)
+        walks = random_walks(graph, starts, p.walk_length - 1, np.random.default_rng([self.seed, 1]))
+        corpus = Corpus.from_padded(walks, -1)
+        codes = [f.codes for f in enc.fields]
+        sizes = enc.sizes
+        cfg = SkipGramConfig(dim=p.dim, window=p.window, shrink_window=p.shrink_window, num_negatives=p.num_negatives,
+                             shared_negatives=p.negatives == "shared",
+                             negatives_power=p.negatives_power, sample=p.sample, epochs=p.epochs,
+                             batch_size=p.batch_size, lr=p.lr, seed=self.seed, num_threads=p.num_threads,
+                             progress=progress, desc=f"eges ({p.aggregation})")
+        res: SkipGramResult = train_skipgram(
+            corpus, n, cfg, build_centre=lambda: SideInfoEmbedding(n, p.dim, codes, sizes, p.aggregation,
+                                                       id_prior=p.id_prior))
+        self.skipgram = res
+        self.centre: SideInfoEmbedding = res.model.centre
+        warm = corpus.counts(n) > 0
+        vecs = np.zeros((n, p.dim), np.float32)
+        with torch.no_grad():
+            self.centre.mark_trained(torch.as_tensor(np.flatnonzero(warm)))
+            vecs[warm] = self.centre(torch.as_tensor(np.flatnonzero(warm))).numpy()
+            cold_ids = np.flatnonzero(~warm)
+            cold_ok = np.zeros(len(cold_ids), bool)
+            if p.cold_start and len(cold_ids) and self.centre.n_fields:
+                cv, has = self.centre.cold_vectors(torch.as_tensor(cold_ids))
+                cold_ok = has.numpy()
+                vecs[cold_ids[cold_ok]] = cv.numpy()[cold_ok]
+        self.warm_items = warm
+        self.cold_items = np.zeros(n, bool)
+        self.cold_items[cold_ids[cold_ok]] = True
+        self.item_vectors = vecs
+        self.valid_items = warm | self.cold_items
+        self.fit_s = time.perf_counter() - t0
+        self.metrics = {"fit_s": round(self.fit_s, 3), "n_edges": int(graph.nnz), "n_walks": int(len(starts)),
+                        "n_pairs_last_epoch": int(res.pairs_last_epoch), "n_warm": int(warm.sum()),
+                        "n_cold": int(self.cold_items.sum()), "side_info": enc.columns,
+                        "loss": round(float(res.history.losses[-1]), 4) if res.history.losses else None}
+        if p.aggregation == "eges" and warm.any() and self.centre.n_fields:
+            mean_w = self.field_weights(np.flatnonzero(warm)).mean(0)
+            self.metrics["mean_field_weights"] = dict(zip(["id", *enc.columns], np.round(mean_w, 3).tolist(),
+                                                          strict=True))
+
+    def field_weights(self, items: np.ndarray | None = None) -> np.ndarray:
+        """float32 [n, n_fields + 1]: softmax(a_v) of items (id first, then `side_info_columns`); EGES only."""
+        ids = torch.arange(len(self.item_vectors)) if items is None else torch.as_tensor(np.asarray(items, np.int64))
+        with torch.no_grad():
+            return torch.softmax(self.centre.attn(ids), -1).numpy()

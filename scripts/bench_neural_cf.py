@@ -133,7 +133,7 @@ def latency(n_items: int = typer.Option(100_000), n_users: int = typer.Option(20
     from common.local_redis import LocalRedis, free_port
     from common.redis_conn import RedisStores
     from common.towers.rescore import RESCORE_KEY
-    from scripts.bench_vector import RawHTTP, _cpu_s, percentiles
+    from scripts.bench_vector import RawHTTP, timed_searches
     from trainer.publishing import publish_channel
 
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -199,20 +199,8 @@ def latency(n_items: int = typer.Option(100_000), n_users: int = typer.Option(20
                 for name in versions:
                     bodies = [orjson.dumps({"channel": name, "k": 200, "user_id": data.user_map.ids[u],
                                             "exclude_seen": True}) for u in rng.integers(0, data.n_users, requests)]
-                    for b in bodies[:100]:  # warm-up
-                        c.request("POST", "/search", b)
-                    lat, answers = [], []
-                    cpu0 = _cpu_s(proc.pid)
-                    for b in bodies:
-                        t = time.perf_counter()
-                        answers.append(c.request("POST", "/search", b))
-                        lat.append(time.perf_counter() - t)
-                    bad = [a for a in answers if a[0] != 200]
-                    if bad:
-                        raise RuntimeError(f"{name}: {bad[0][0]} {bad[0][1][:300]!r}")
-                    out["channels"][name] = {**percentiles(lat), "server_cpu_ms": round(
-                        (_cpu_s(proc.pid) - cpu0) / len(bodies) * 1e3, 3), "rescore": h["channels"][name]["rescore"],
-                        "source": sorted({orjson.loads(a[1])["source"] for a in answers})}
+                    out["channels"][name] = {**timed_searches(c, proc.pid, name, bodies),
+                                             "rescore": h["channels"][name]["rescore"]}
             finally:
                 c.close()
         finally:

@@ -87,12 +87,22 @@ def run_measured(cmd: list[str], env: dict[str, str], log: Path, timeout_s: floa
 # quality
 # ---------------------------------------------------------------------------------------------
 
+def _liked(row: dict) -> str:
+    """HR@50 over the users whose target is liked (rating ≥ 4), where the evaluator reports it."""
+    return f"{row['hr@50_liked']:.3f}" if row.get("hr@50_liked") is not None else ""
+
+
 def bench_quality(repeats: int, config: Path | None) -> str:
     out = WORK / "eval-ml100k"
     cmd = [sys.executable, "-m", "trainer", "evaluate", "--data", str(ML100K), "--out", str(out),
            "--repeats", str(repeats)]
     if config:
         cmd += ["--config", str(config)]
+    # every channel of the config is trained and scored, the disabled ones too; the merged row uses the enabled ones
+    from common.channel_config import load_config
+
+    cfg = load_config(config or ROOT / "config" / "channels.yaml")
+    cmd += ["--channels", ",".join(c.name for c in cfg.channels)]
     print("running:", " ".join(cmd[1:]), flush=True)
     rc, wall, rss = run_measured(cmd, {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
                                  WORK / "eval-ml100k.log", 3600)
@@ -111,17 +121,21 @@ def bench_quality(repeats: int, config: Path | None) -> str:
         f"1-min load average {rep['load_avg_1m']['start']:.2f} / {rep['load_avg_1m']['end']:.2f} "
         "(a shared 2-vCPU machine: compare timings as `fit_s / calib_s`).",
         "",
-        "| row | HR@50 | HR@200 | NDCG@50 | Coverage@50 | fit s | fit s / calib_s | rec ms/user (batch) | rec ms (single) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| row | HR@50 | HR@200 | NDCG@50 | Coverage@50 | HR@50 liked targets | fit s | fit s / calib_s | "
+        "rec ms/user (batch) | rec ms (single) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = list(rep["channels"].items()) + [("**merged**", rep["merged"])]
     for name, r in rows:
-        label = name if name.startswith("**") else f"ours: {name} ({r['kind']}{', from ' + r['from'] if 'from' in r else ''})"
+        label = name if name.startswith("**") else (
+            f"ours: {name} ({r['kind']}{', from ' + r['from'] if 'from' in r else ''}"
+            f"{'' if r.get('enabled', True) else ', not in the merge'})")
         lines.append(f"| {label} | {r['hr@50']:.3f} | {r['hr@200']:.3f} | {r['ndcg@50']:.3f} | {r['coverage@50']:.3f} | "
+                     f"{_liked(r)} | "
                      f"{r['fit_s']:.2f} | {r['fit_s'] / calib['start']:.1f} | {r['rec_ms_batch']:.3f} | "
                      f"{r['rec_ms_single']:.3f} |")
     for name, a, b, c, d, e in REFERENCE_ML100K:
-        lines.append(f"| reference: {name} | {a:.3f} | {b:.3f} | {c:.3f} | {d:.3f} | {e:.2f} | | | |")
+        lines.append(f"| reference: {name} | {a:.3f} | {b:.3f} | {c:.3f} | {d:.3f} | | {e:.2f} | | | |")
     m = rep["merged"]
     lines += ["", f"Merged list: channels {', '.join(m['channels'])}; merge `{m['merge']['normalize']}` "
               f"(rank_offset {m['merge']['rank_offset']:g}); weights "

@@ -236,11 +236,16 @@ def loadavg() -> float:
 
 # -- stack -----------------------------------------------------------------------------------------
 
-def bench_config(two_tower: bool) -> str:
-    """config/channels.yaml (every classic channel) plus a two-tower u2i channel. Training budgets of the
-    neural channels are cut (this measures serving, not quality): the artifacts have the same shape."""
+def bench_config(two_tower: bool, every_channel: bool = False) -> str:
+    """config/channels.yaml (every classic channel) plus a two-tower u2i channel; with `every_channel`, every
+    entry of the config enabled too. Training budgets of the neural channels are cut (this measures serving, not
+    quality): the artifacts have the same shape."""
     raw = yaml.safe_load((ROOT / "config" / "channels.yaml").read_text())
     for spec in raw["channels"].values():
+        if every_channel and spec.get("enabled") is False:
+            spec["enabled"] = True
+            if spec.get("model") and spec.get("model") not in ("itemcf", "usercf", "mf", "popular"):
+                spec.setdefault("params", {})["epochs"] = 1
         if spec.get("model") == "fm":
             spec.setdefault("params", {})["epochs"] = 1
     if two_tower:
@@ -266,7 +271,7 @@ def prepare(args) -> tuple[dict, Path, Path, Path]:
     if not meta.exists():
         say(f"generating the dataset {data.name}")
         write_synthetic(data, n_users=args.users, n_items=args.items, n_clicks=args.clicks, seed=42)
-    cfg_text = bench_config(not args.no_two_tower)
+    cfg_text = bench_config(not args.no_two_tower, args.every_channel)
     # the published data depends only on what is trained: weights, quotas and serve settings can change
     # without re-running the nightly job
     trained = {name: [c.get("model"), c.get("kind"), c.get("params", {}), c.get("enabled", True), c.get("store")]
@@ -461,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--conns", type=int, default=32, help="connections of the saturation run")
     ap.add_argument("--unloaded", type=int, default=2000, help="sequential requests of the unloaded run")
     ap.add_argument("--no-two-tower", action="store_true")
+    ap.add_argument("--every-channel", action="store_true",
+                    help="enable every channel of config/channels.yaml (the new models' row; 1 epoch each)")
     ap.add_argument("--no-wrk", action="store_true", help="use the built-in generator even if wrk is installed")
     ap.add_argument("--no-embedded", action="store_true", help="skip the VECTOR_MODE=embedded pass")
     ap.add_argument("--json", type=Path, default=BENCH_DIR / "serving.json")
@@ -470,6 +477,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prepare-only", action="store_true")
     ap.add_argument("--retrain", action="store_true", help="re-run the nightly job even if its output is cached")
     args = ap.parse_args(argv)
+    if args.every_channel:  # its own row, reported next to the shipped config's section, not in place of it
+        args.no_doc = True
+        if args.json == BENCH_DIR / "serving.json":
+            args.json = BENCH_DIR / "serving_every_channel.json"
 
     from common.ids import load_id_map
     from common.keyspace import Keyspace

@@ -232,6 +232,25 @@ def percentiles(lat: list[float]) -> dict:
             "p99_ms": round(float(np.percentile(a, 99)), 3), "n": len(a)}
 
 
+def timed_searches(c: RawHTTP, pid: int, name: str, bodies: list[bytes], warm: int = 100) -> dict:
+    """POST /search each body one at a time (after `warm` warm-up requests): latency percentiles at the client, the
+    server's CPU ms per request and the answers' `source`; raises on any non-200 answer."""
+    for b in bodies[:warm]:
+        c.request("POST", "/search", b)
+    lat, answers = [], []
+    cpu0 = _cpu_s(pid)
+    for b in bodies:
+        t = time.perf_counter()
+        answers.append(c.request("POST", "/search", b))
+        lat.append(time.perf_counter() - t)
+    cpu_ms = (_cpu_s(pid) - cpu0) / len(bodies) * 1e3
+    bad = [a for a in answers if a[0] != 200]
+    if bad:
+        raise RuntimeError(f"{name}: {bad[0][0]} {bad[0][1][:300]!r}")
+    return {**percentiles(lat), "server_cpu_ms": round(cpu_ms, 3),
+            "source": sorted({orjson.loads(a[1]).get("source", "?") for a in answers})}
+
+
 def latency_bench(n_items: int, n_users: int, requests: int, tmp: Path) -> dict:
     """Start Redis + the vector server, publish a synthetic catalogue, time POST /search one request at a time."""
     tmp.mkdir(parents=True, exist_ok=True)
@@ -287,21 +306,8 @@ def latency_bench(n_items: int, n_users: int, requests: int, tmp: Path) -> dict:
                 out["http_floor (404 route)"] = {**percentiles(floor),
                                                  "server_cpu_ms": round((_cpu_s(proc.pid) - cpu0) / requests * 1e3, 3)}
                 for name, make in cases.items():
-                    bodies = [orjson.dumps(make(i)) for i in range(requests)]
-                    for b in bodies[:200]:  # warm-up
-                        c.request("POST", "/search", b)
-                    lat, responses = [], []
-                    cpu0 = _cpu_s(proc.pid)
-                    for b in bodies:
-                        t = time.perf_counter()
-                        responses.append(c.request("POST", "/search", b))
-                        lat.append(time.perf_counter() - t)
-                    cpu_ms = (_cpu_s(proc.pid) - cpu0) / len(bodies) * 1e3
-                    bad = [r for r in responses if r[0] != 200]
-                    if bad:
-                        raise RuntimeError(f"{name}: {bad[0][0]} {bad[0][1][:300]!r}")
-                    sources = sorted({orjson.loads(r[1])["source"] for r in responses})
-                    out[name] = {**percentiles(lat), "server_cpu_ms": round(cpu_ms, 3), "source": sources}
+                    out[name] = timed_searches(c, proc.pid, name, [orjson.dumps(make(i)) for i in range(requests)],
+                                               warm=200)
             finally:
                 c.close()
             out["server_rss_mb"] = round(_rss_mb(proc.pid), 0)

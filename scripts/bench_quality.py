@@ -109,13 +109,19 @@ def bench_quality(repeats: int, config: Path | None) -> str:
     if rc != 0:
         raise SystemExit(f"evaluate failed ({rc}); see {WORK / 'eval-ml100k.log'}")
     rep = json.loads((out / "report.json").read_text())
+    how = (f"by `python -m scripts.bench_quality` (`python -m trainer evaluate --data ../shared/data/ml-100k "
+           f"--repeats {repeats}`, config `{config or 'config/channels.yaml'}`; whole run {wall:.0f} s, peak RSS "
+           f"{rss:.0f} MB)")
+    return render_quality(rep, how)
+
+
+def render_quality(rep: dict, how: str) -> str:
+    """The quality table of docs/benchmarks.md from an evaluator report (report.json); `how` says how it was run."""
     from trainer.evaluate import REFERENCE_ML100K
 
     calib = rep["calib_s"]
     lines = [
-        f"Measured {datetime.now():%Y-%m-%d} by `python -m scripts.bench_quality` "
-        f"(`python -m trainer evaluate --data ../shared/data/ml-100k --repeats {repeats}`, config "
-        f"`{config or 'config/channels.yaml'}`; whole run {wall:.0f} s, peak RSS {rss:.0f} MB). "
+        f"Measured {datetime.now():%Y-%m-%d} {how}. "
         f"{rep['n_eval_users']} evaluated users, catalog {rep['catalog_size']:,} items. Timings are the median of "
         f"{rep['repeats']} fits/passes; calib_s {calib['start']:.3f} s (start) / {calib['end']:.3f} s (end), "
         f"1-min load average {rep['load_avg_1m']['start']:.2f} / {rep['load_avg_1m']['end']:.2f} "

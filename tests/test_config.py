@@ -53,8 +53,9 @@ def test_base_config_is_valid():
     assert cfg.get("mf_i2i").publisher == "mf" and not cfg.get("mf_i2i").trained
 
 
-def test_shipped_config_is_valid_and_every_model_exists():
-    path = ROOT / "config" / "channels.yaml"
+@pytest.mark.parametrize("name", ["channels.yaml", "channels.all-models.yaml"])
+def test_shipped_config_is_valid_and_every_model_exists(name):
+    path = ROOT / "config" / name
     cfg = load_config(path)
     registry.validate_params(cfg, str(path))
     assert cfg.enabled(), "the shipped config enables no channel"

@@ -46,8 +46,9 @@ class AirbnbParams(BaseModel):
     negatives: Literal["per_pair", "shared"] = Field("shared", description="shared: the random negatives are one "
                                                      "set per batch and the market ones one set per market per "
                                                      "batch, all scored by one matmul; per_pair: drawn per pair")
-    num_negatives: int = Field(5, ge=0, le=10_000, description="random negatives per pair (∝ count^negatives_power)")
-    market_negatives: int = Field(5, ge=0, le=1000, description="same-market negatives per pair (0 = off)")
+    num_negatives: int = Field(20, ge=0, le=10_000, description="random negatives per pair (∝ count^negatives_power)")
+    market_negatives: int = Field(0, ge=0, le=1000, description="same-market negatives per pair (0 = off: "
+                                  "they hurt on ml-100k, whose market is the primary genre)")
     negatives_power: float = Field(0.75, ge=-2, le=2, description="negatives drawn ∝ count^negatives_power")
     conversion_context: bool = Field(True, description="the session's conversion as a global context of its items")
     conversion_oversample: int = Field(3, ge=1, le=100, description="copies of each converted session per epoch")
@@ -60,7 +61,7 @@ class AirbnbParams(BaseModel):
     cold_start: bool = Field(True, description="items without a trained vector get the mean of their nearest "
                              "items by side information")
     cold_k: int = Field(3, ge=1, le=100, description="nearest items averaged for a cold item")
-    min_count_ratio: float = Field(0.33, ge=0, le=100, description="trained items with fewer session clicks than "
+    min_count_ratio: float = Field(0.1, ge=0, le=100, description="trained items with fewer session clicks than "
                                    "this × the mean of the trained items get no list and are nobody's neighbour")
     num_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads while fitting")
     top_k: int = Field(200, ge=1, le=2000, description="neighbours published per item")

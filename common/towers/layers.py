@@ -47,6 +47,18 @@ def clamp_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where((ids >= 0) & (ids < n), ids, torch.full_like(ids, n))
 
 
+def known_users(user_idx: torch.Tensor, n_users: int, trained: torch.Tensor) -> torch.Tensor:
+    """User rows to embed: ids out of range, and users without training rows (`trained` [n_users + 1] bool), become
+    n_users (the unknown-user row)."""
+    u = clamp_ids(user_idx, n_users)
+    return torch.where(trained[u], u, torch.full_like(u, n_users))
+
+
+def attr_embeddings(attrs: torch.Tensor, n_attrs: int, starts: torch.Tensor, table: nn.Embedding) -> torch.Tensor:
+    """[B, n_attrs, d]: each user-attribute code (negative = unknown → 0) looked up at its column's start row."""
+    return table(attrs[:, :n_attrs].clamp(min=0) + starts.unsqueeze(0))
+
+
 def masked_mean(ids: torch.Tensor, table: torch.Tensor, pad: int) -> torch.Tensor:
     """Mean of `table` rows over each row of `ids` [B, R], leaving `pad` out (an all-padding row gives zeros)."""
     return F.embedding_bag(ids, table, mode="mean", padding_idx=pad)

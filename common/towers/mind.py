@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.towers.base import Tower
-from common.towers.layers import clamp_ids, mlp, offsets
+from common.towers.layers import attr_embeddings, clamp_ids, known_users, mlp, offsets
 
 __all__ = ["ItemPooling", "MindTower", "b2i_routing", "interest_count", "mind_twin", "squash"]
 
@@ -146,12 +146,9 @@ class MindTower(Tower):
         """[B, P·dim]: the user id embedding (unknown/untrained → row n_users) and one embedding per attribute."""
         fields: list[torch.Tensor] = []
         if self.user_emb is not None:
-            u = clamp_ids(user_idx, self.n_users)
-            u = torch.where(self.trained_user[u], u, torch.full_like(u, self.n_users))
-            fields.append(self.user_emb(u))
+            fields.append(self.user_emb(known_users(user_idx, self.n_users, self.trained_user)))
         if self.n_attrs > 0:
-            a = attrs[:, : self.n_attrs].clamp(min=0) + self.attr_offsets.unsqueeze(0)
-            fields.append(self.attr_emb(a).flatten(1))
+            fields.append(attr_embeddings(attrs, self.n_attrs, self.attr_offsets, self.attr_emb).flatten(1))
         return torch.cat(fields, dim=1) if fields else torch.zeros(len(user_idx), 0)
 
     def interests(self, user_idx: torch.Tensor, attrs: torch.Tensor, recent: torch.Tensor,

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.towers.base import Tower
-from common.towers.layers import clamp_ids, masked_mean
+from common.towers.layers import clamp_ids, known_users, masked_mean
 
 
 def halving_tower(n_in: int, hidden: list[int]) -> nn.Sequential:
@@ -97,8 +97,7 @@ class NeuMFTower(Tower):
 
     def forward(self, user_idx: torch.Tensor, attrs: torch.Tensor, recent: torch.Tensor,
                 recent_ts: torch.Tensor | None = None) -> torch.Tensor:
-        u = clamp_ids(user_idx, self.n_users)
-        u = torch.where(self.trained_user[u], u, torch.full_like(u, self.n_users))
+        u = known_users(user_idx, self.n_users, self.trained_user)
         rec = clamp_ids(recent, self.n_items)
         parts: list[torch.Tensor] = []
         if self.use_gmf:

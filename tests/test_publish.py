@@ -193,7 +193,7 @@ def test_prefix_mode_keeps_everything_in_db0(redis_url):
         db0 = redis.Redis.from_url(_url_for_db(redis_url, 0))
         keys = db0.keys("*")
         assert keys and all(k.startswith(b"mr:") for k in keys)
-        assert db0.get("mr:meta:current:toy") == versions[-1].encode()
+        assert db0.get("mr:{meta}:current:toy") == versions[-1].encode()
         for db in range(1, 16):
             c = redis.Redis.from_url(_url_for_db(redis_url, db))
             assert c.dbsize() == 0, f"db{db} not empty in prefix mode"

@@ -154,8 +154,11 @@ def exact_top(items: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-(items @ q), kind="stable")[:k]
 
 
+JSON = {"content-type": "application/json"}  # the services take JSON bodies only (415 otherwise)
+
+
 def post(url: str, body: dict, client: httpx.Client | None = None) -> httpx.Response:
-    return (client or httpx).post(url + "/search", content=orjson.dumps(body), timeout=10)
+    return (client or httpx).post(url + "/search", content=orjson.dumps(body), headers=JSON, timeout=10)
 
 
 # -- one server shared by the read-mostly tests (its own private Redis, so other tests' flushes don't touch it) --
@@ -266,7 +269,7 @@ def test_bad_requests_are_422_naming_the_problem(stack, body, fragment):
 
 
 def test_non_json_body_is_422(stack):
-    r = httpx.post(stack["url"] + "/search", content=b"{not json")
+    r = httpx.post(stack["url"] + "/search", content=b"{not json", headers=JSON)
     assert r.status_code == 422 and "not valid JSON" in r.json()["detail"]
 
 
@@ -359,7 +362,7 @@ def test_tower_recent_override_and_attributes(stack):
 
 
 def post_user(url: str, body: dict) -> httpx.Response:
-    return httpx.post(url + "/search/user", content=orjson.dumps(body), timeout=10)
+    return httpx.post(url + "/search/user", content=orjson.dumps(body), headers=JSON, timeout=10)
 
 
 def test_search_user_answers_several_channels_in_one_call(stack):
@@ -462,9 +465,11 @@ def swap_items(version: int) -> np.ndarray:
 def test_hot_swap_under_concurrent_requests(stores, settings, start_server, tmp_path):
     cfg = write_config(tmp_path, {"channels": {"emb": {"kind": "u2i", "model": "mf"}}})
     server = start_server(["services.vector_server", "serve", "--poll-s", "0.1"], {"CHANNELS_CONFIG": str(cfg)})
-    # nothing published yet: healthy, no channels, and a 503 that says why
-    h = httpx.get(server.url + "/healthz").json()
-    assert h["status"] == "ok" and h["channels"] == {}
+    # nothing published yet: Redis answers, no channels, 503 "degraded" naming what is missing, and a search 503
+    # that says why
+    r = httpx.get(server.url + "/healthz")
+    h = r.json()
+    assert r.status_code == 503 and h["status"] == "degraded" and h["channels"] == {} and "emb" in h["missing"]
     r = post(server.url, {"channel": "emb", "k": 5, "vector": [1.0] * D})
     assert r.status_code == 503 and "no published version" in r.json()["detail"]
 
@@ -597,8 +602,9 @@ def test_search_user_body_in_several_chunks(stack):
         for i in range(0, len(body), 7):
             yield body[i:i + 7]
 
-    r = httpx.post(stack["url"] + "/search/user", content=chunks(), timeout=10)
+    r = httpx.post(stack["url"] + "/search/user", content=chunks(), headers=JSON, timeout=10)
     assert r.status_code == 200, r.text
     assert r.json()["results"]["flat"]["ids"] == exact_top(stack["items"], user_vectors()[3], 5).tolist()
-    r = httpx.post(stack["url"] + "/search/user", content=(p for p in (b'{"user_id": ', b'"u3"}')), timeout=10)
+    r = httpx.post(stack["url"] + "/search/user", content=(p for p in (b'{"user_id": ', b'"u3"}')), headers=JSON,
+                   timeout=10)
     assert r.status_code == 422 and "'channels'" in r.json()["detail"]

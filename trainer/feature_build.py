@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from common.ids import distinct_values
 from common.keyspace import FEATURES_CHANNEL, Keyspace, pack_json
 from common.publish import Publisher
 from common.redis_conn import RedisStores
@@ -50,9 +51,45 @@ def _ptr(sorted_codes: np.ndarray, n: int) -> np.ndarray:
     return np.searchsorted(sorted_codes, np.arange(n + 1)).astype(np.int64)
 
 
+def _text_codes(s: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(code per row of its present `_text` value, -1 where missing; the sorted values the codes stand for), with
+    `_text` run on the distinct values only."""
+    d = distinct_values(s)
+    if d is None:
+        vals, ok = _text(s)
+        vcodes, names = pd.factorize(pd.Series(vals[ok], dtype=object), sort=True)
+        out = np.full(len(s), -1, np.int64)
+        out[ok] = vcodes
+        return out, np.asarray(names, dtype=object)
+    rows, uniq = d
+    vals, ok = _text(uniq)
+    vcodes, names = pd.factorize(pd.Series(vals[ok], dtype=object), sort=True)
+    per_value = np.full(len(uniq), -1, np.int64)
+    per_value[ok] = vcodes
+    return per_value[rows], np.asarray(names, dtype=object)
+
+
+def _positions(index: pd.Index, s: pd.Series) -> np.ndarray:
+    """`index.get_indexer(s)`, looked up once per distinct value."""
+    d = distinct_values(s)
+    return index.get_indexer(s) if d is None else index.get_indexer(d[1])[d[0]]
+
+
+def _distinct_str(s: pd.Series) -> np.ndarray:
+    """`pd.unique(s.astype(str))` (first-appearance order), converted once per distinct value."""
+    d = distinct_values(s)
+    return pd.unique(s.astype(str)) if d is None else pd.unique(d[1].astype(str).to_numpy(object))
+
+
 def _value_counts(codes: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per (group, value) counts as (group, value, count), ordered by group, count desc, value asc."""
     vcodes, names = pd.factorize(pd.Series(values, dtype=object), sort=True)
+    return _code_counts(codes, vcodes, np.asarray(names, dtype=object))
+
+
+def _code_counts(codes: np.ndarray, vcodes: np.ndarray, names: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                                                                   np.ndarray]:
+    """`_value_counts` of values given as codes into the sorted `names`."""
     if len(names) == 0:
         return np.empty(0, np.int64), np.empty(0, object), np.empty(0, np.int64)
     keys, counts = np.unique(codes.astype(np.int64) * len(names) + vcodes, return_counts=True)
@@ -63,9 +100,10 @@ def _value_counts(codes: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np
 
 def _mode_per_group(codes: np.ndarray, values: pd.Series, n: int) -> np.ndarray:
     """Most frequent present value per group code (ties: smallest value); None where a group has none."""
-    vals, ok = _text(values)
+    vcodes, names = _text_codes(values)
+    ok = vcodes >= 0
     out = np.full(n, None, dtype=object)
-    g, v, _ = _value_counts(codes[ok], vals[ok])
+    g, v, _ = _code_counts(codes[ok], vcodes[ok], names)
     first = np.r_[True, g[1:] != g[:-1]] if len(g) else np.empty(0, bool)
     out[g[first]] = v[first]
     return out
@@ -148,10 +186,11 @@ class UserFeatures:
 def compute_user_features(dataset: Dataset, recent_n: int = 50, top_n: int = 5) -> UserFeatures:
     """User features of every user with interactions or an attribute row (see common/features.py)."""
     inter = dataset.interactions
-    user_src = [inter["user_id"]] + ([pd.Series(dataset.users.index)] if dataset.users is not None else [])
-    ids = pd.Index(pd.unique(pd.concat(user_src, ignore_index=True).astype(str)), dtype=object)
+    user_src = [_distinct_str(inter["user_id"])] + (
+        [_distinct_str(pd.Series(dataset.users.index))] if dataset.users is not None else [])
+    ids = pd.Index(pd.unique(np.concatenate(user_src)), dtype=object)
     n = len(ids)
-    codes = ids.get_indexer(inter["user_id"])
+    codes = _positions(ids, inter["user_id"])
     ts = inter["timestamp"].to_numpy(np.int64)
 
     # raw interactions: clicks (repeats count), first/last activity, categories, context modes
@@ -164,9 +203,21 @@ def compute_user_features(dataset: Dataset, recent_n: int = 50, top_n: int = 5) 
     cat_ptr, cat_name, cat_n = np.zeros(n + 1, np.int64), np.empty(0, object), np.empty(0, np.int64)
     primary = primary_category(dataset)
     if primary is not None:
-        cats = primary.reindex(inter["item_id"]).to_numpy(object)
-        ok = pd.notna(cats)
-        g, name, cnt = _value_counts(codes[ok], cats[ok])
+        items = distinct_values(inter["item_id"])
+        if items is None:
+            cats = primary.reindex(inter["item_id"]).to_numpy(object)
+            ok = pd.notna(cats)
+            g, name, cnt = _value_counts(codes[ok], cats[ok])
+        else:  # each distinct item's category once, then its code per row
+            rows, uniq = items
+            cats = primary.reindex(uniq).to_numpy(object)
+            present = pd.notna(cats)
+            vc, names = pd.factorize(pd.Series(cats[present], dtype=object), sort=True)
+            per_item = np.full(len(uniq), -1, np.int64)
+            per_item[present] = vc
+            vcodes = per_item[rows]
+            ok = vcodes >= 0
+            g, name, cnt = _code_counts(codes[ok], vcodes[ok], np.asarray(names, dtype=object))
         ptr = _ptr(g, n)
         keep = np.arange(len(g)) - ptr[g] < top_n  # rank within the user's group
         cat_ptr, cat_name, cat_n = _ptr(g[keep], n), name[keep], cnt[keep]
@@ -182,7 +233,7 @@ def compute_user_features(dataset: Dataset, recent_n: int = 50, top_n: int = 5) 
 
     # deduplicated interactions (earliest occurrence of each pair), newest first per user
     ded = order_interactions(dedupe_pairs(inter[["user_id", "item_id", "timestamp"]]))
-    dcodes = ids.get_indexer(ded["user_id"])[::-1]
+    dcodes = _positions(ids, ded["user_id"])[::-1]
     order = np.argsort(dcodes, kind="stable")
     hist_item = ded["item_id"].to_numpy(object)[::-1][order]
     hist_ts = ded["timestamp"].to_numpy(np.int64)[::-1][order]
@@ -225,9 +276,9 @@ class ItemFeatures:
 def compute_item_features(dataset: Dataset) -> ItemFeatures:
     """Item features of every clicked or listed item: popularity (raw clicks), created time, primary category."""
     inter, items = dataset.interactions, dataset.items
-    src = [inter["item_id"]] + ([pd.Series(items.index)] if items is not None else [])
-    ids = pd.Index(pd.unique(pd.concat(src, ignore_index=True).astype(str)), dtype=object)
-    clicks = np.bincount(ids.get_indexer(inter["item_id"]), minlength=len(ids))
+    src = [_distinct_str(inter["item_id"])] + ([_distinct_str(pd.Series(items.index))] if items is not None else [])
+    ids = pd.Index(pd.unique(np.concatenate(src)), dtype=object)
+    clicks = np.bincount(_positions(ids, inter["item_id"]), minlength=len(ids))
     created = np.full(len(ids), None, dtype=object)
     col = next((c for c in CREATED_COLUMNS if items is not None and c in items.columns), None)
     if col is not None:
@@ -241,13 +292,15 @@ def compute_item_features(dataset: Dataset) -> ItemFeatures:
     return ItemFeatures(ids, clicks, created, category, attr_cols, attr_rows, has_attrs)
 
 
-def publish_features(stores: RedisStores, dataset: Dataset, settings: Settings, progress: bool = True) -> str:
-    """Compute user and item features and publish them as a new `features` version; returns the version."""
+def publish_features(stores: RedisStores, dataset: Dataset, settings: Settings, progress: bool = True,
+                     owner: str | None = None) -> str:
+    """Compute user and item features and publish them as a new `features` version (kept on disk under
+    ARTIFACTS_DIR/features/ for `trainer republish`); returns the version. `owner`: the run writing it."""
     ks = stores.keyspace
     users = compute_user_features(dataset, recent_n=settings.recent_n, top_n=settings.top_categories_n)
     items = compute_item_features(dataset)
     pub = Publisher(stores, FEATURES_CHANNEL, grace_s=settings.version_grace_s, pending_ttl_s=settings.pending_ttl_s,
-                    keep=settings.keep_versions)
+                    keep=settings.keep_versions, owner=owner, archive_root=settings.artifacts_dir)
     ver = pub.begin()
     rng = random.Random(0)
     checks: list[tuple[str, str, bytes]] = []  # (store, key, expected value) spot checks for verify
@@ -265,7 +318,7 @@ def publish_features(stores: RedisStores, dataset: Dataset, settings: Settings, 
                                      ("item_features", ks.item_features, items, "items")):
         with tqdm(total=len(table), desc=f"publish features: {what}", unit=what[:-1], disable=not progress,
                   leave=False) as bar:
-            counts[what] = pub.write(store, packed(store, keyf, table), progress=bar.update)
+            counts[what] = pub.write(store, packed(store, keyf, table), progress=bar.update, artifact=store)
         if counts[what] != len(table):
             raise RuntimeError(f"wrote {counts[what]} {what} records, expected {len(table)}")
 

@@ -1,17 +1,24 @@
 """`python -m trainer nightly`: the batch job that refreshes everything the services read.
 
-Stages: config (validate before any work) → redis → load (validate the data) → ids (extend and publish
+Stages: config (validate before any work) → redis → load (validate the data) → events (archive the event log
+since the previous run, fold every logged event into the training data; docs/event_log.md) → ids (extend and publish
 the stable id maps) → features → fit:<channel> / publish:<channel> for every enabled trained channel.
 Every publish is atomic (new version, verify, flip `current`), so a failed or killed run leaves each
-channel serving its previous version. A summary goes to ARTIFACTS_DIR/runs/<timestamp>/summary.json.
+channel serving its previous version. A summary goes to ARTIFACTS_DIR/runs/<timestamp>/summary.json,
+rewritten as each stage starts and ends, so even a SIGKILLed run leaves the stage it stopped in on disk.
+After the `redis` stage the run takes the job lock (one nightly or republish at a time) and cleans up what dead
+runs left (trainer/runs.py, docs/reliability.md).
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import resource
+import signal
+import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +34,15 @@ from common.keyspace import FEATURES_CHANNEL, Keyspace
 from common.redis_conn import RedisStores
 from common.settings import Settings, get_settings
 from trainer.data.errors import DataError
+from trainer.runs import (
+    JobRunning,
+    RunLease,
+    clean_dead_runs,
+    drop_own_pending,
+    eviction_warning,
+    stopped_at,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +68,37 @@ def run_id_now() -> str:
     return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}"
 
 
-class _Run:
-    """Records stages (seconds, peak RSS, status) into the summary."""
+class Terminated(BaseException):
+    """SIGTERM/SIGINT arrived: unwinds the run (not caught as a stage failure) so its summary says where it stopped."""
 
-    def __init__(self, summary: dict[str, Any]):
-        self.summary = summary
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"killed by {signal.Signals(signum).name}")
+
+
+def _terminate(signum: int, _frame) -> None:
+    raise Terminated(signum)
+
+
+class _Run:
+    """Records stages (seconds, peak RSS, status) into the summary, and rewrites the summary file (`path`) as each
+    stage starts and ends."""
+
+    def __init__(self, summary: dict[str, Any], path: Path | None = None):
+        self.summary, self.path = summary, path
+
+    def save(self) -> None:
+        if self.path is not None:
+            try:
+                write_json_atomic(self.path, self.summary)
+            except OSError as exc:  # a full disk must not fail the run itself
+                log.warning("could not write the run summary %s: %s", self.path, exc)
 
     @contextmanager
     def stage(self, name: str, fatal: bool = True) -> Iterator[dict[str, Any]]:
         rec: dict[str, Any] = {"stage": name, "status": "running"}
         self.summary["stages"].append(rec)
+        self.save()
         log.info("stage %s: start", name)
         t = time.perf_counter()
         try:
@@ -72,10 +109,16 @@ class _Run:
             err = StageFailed(name, exc)
             self.summary["failed"].append({"stage": name, "error": str(err)})
             log.error("%s", err)
+            self.save()
             if fatal:
                 raise err from exc
             return
+        except BaseException as exc:  # Terminated (SIGTERM), KeyboardInterrupt: record it, then unwind
+            rec.update(status="killed", seconds=round(time.perf_counter() - t, 3), error=str(exc) or type(exc).__name__)
+            self.save()
+            raise
         rec.update(status="ok", seconds=round(time.perf_counter() - t, 3), peak_rss_mb=round(peak_rss_mb(), 1))
+        self.save()
         log.info("stage %s: ok in %.2fs (peak RSS %.0f MB)", name, rec["seconds"], rec["peak_rss_mb"])
 
 
@@ -105,8 +148,9 @@ def _metrics(ch: Any) -> Any:
 
 
 def run_nightly(settings: Settings, data_dir: str | Path | None = None, config_path: str | Path | None = None,
-                progress: bool = True) -> dict[str, Any]:
-    """Run every stage; returns the summary (status 'ok' or 'failed', with the failed stages).
+                progress: bool = True, engine: str | None = None) -> dict[str, Any]:
+    """Run every stage; returns the summary (status 'ok' or 'failed', with the failed stages). `engine`: where the
+    channels fit, local or ray (default: settings.nightly_engine; docs/scaling.md).
 
     Input problems (config, Redis, data, id maps, features) stop the run; a failing channel is recorded
     and the other channels still publish. Nothing already serving is ever replaced by a partial version.
@@ -118,10 +162,13 @@ def run_nightly(settings: Settings, data_dir: str | Path | None = None, config_p
         "run_id": run_id, "started_at": datetime.now().astimezone().isoformat(timespec="seconds"),
         "status": "running", "config": str(config_path), "data": str(data_dir) if data_dir else None,
         "redis_url": _redact(settings.redis_url), "stages": [], "failed": [], "counts": {}, "versions": {},
-        "channels": {},
+        "channels": {}, "pid": os.getpid(), "host": socket.gethostname(),
     }
-    run = _Run(summary)
+    run = _Run(summary, _summary_path(settings, run_id))
+    run.save()
     stores: RedisStores | None = None
+    lease: RunLease | None = None
+    eng = None
     try:
         with run.stage("config"):
             cfg = _validate_config(config_path)
@@ -135,25 +182,50 @@ def run_nightly(settings: Settings, data_dir: str | Path | None = None, config_p
                 stores("meta").ping()
             except redis.exceptions.RedisError as exc:
                 raise ConnectionError(f"Redis at {_redact(settings.redis_url)} is unreachable: {exc}") from None
+        with run.stage("lock"):  # one nightly/republish at a time; then clean up after dead runs
+            lease = RunLease(stores, run_id, "nightly")  # (assigned first: released even if killed while taking it)
+            try:
+                lease.acquire()
+            except JobRunning as exc:
+                summary["lock_holder"] = exc.holder
+                raise
+            summary["cleanup"] = clean_dead_runs(stores, settings.artifacts_dir, grace_s=settings.version_grace_s,
+                                                 pending_ttl_s=settings.pending_ttl_s, keep=settings.keep_versions,
+                                                 by=run_id)
+            if warning := eviction_warning(stores):
+                summary["warnings"] = [*summary.get("warnings", []), warning]
+        eng = _engine(run, settings, engine or settings.nightly_engine, summary)
         with run.stage("load"):
             dataset, registered = _registered(stores, _load(data_dir))
             summary["data"] = summary["data"] or dataset.name
             summary["counts"].update(n_rows=int(len(dataset.interactions)), dataset=dataset.name,
                                      registered_items=len(registered))
+        with run.stage("events"):  # the event log since the previous run (docs/event_log.md)
+            from trainer.event_log import archive_new_events, fold_into
+
+            folded = archive_new_events(stores, settings)
+            # the models train on the dataset + every logged event; the feature records stay on the dataset, since
+            # the real-time state (never rebuilt) already counts the logged events
+            training = fold_into(dataset, folded.history)
+            summary["events"] = folded.summary()
         with run.stage("ids"):
-            data = _ids(stores, dataset, summary, registered)
+            data = _ids(stores, training, summary, registered)
         with run.stage("features"):
             from trainer.feature_build import publish_features
 
-            summary["versions"][FEATURES_CHANNEL] = publish_features(stores, dataset, settings, progress=progress)
+            summary["versions"][FEATURES_CHANNEL] = publish_features(stores, dataset, settings, progress=progress,
+                                                                     owner=run_id)
         for spec in todo:
-            _channel(run, stores, spec, data, settings, summary, progress)
+            _channel(run, stores, spec, data, settings, summary, progress, eng)
     except StageFailed:
         pass
+    except Terminated as exc:
+        summary.update(status="killed", error=str(exc), stopped_at=stopped_at(summary))
     finally:
-        if stores is not None:
-            stores.close()
-    summary["status"] = "failed" if summary["failed"] else "ok"
+        _close_engine(eng)
+        _end_run(stores, lease, run_id, summary)
+    if summary["status"] != "killed":
+        summary["status"] = "failed" if summary["failed"] else "ok"
     summary["seconds"] = round(time.perf_counter() - t_run, 3)
     summary["peak_rss_mb"] = round(peak_rss_mb(), 1)
     summary["versions_of_libraries"] = _versions()
@@ -197,9 +269,30 @@ def _ids(stores: RedisStores, dataset, summary: dict[str, Any], registered: list
     return data
 
 
+def _engine(run: _Run, settings: Settings, name: str, summary: dict[str, Any]):
+    """The engine the channels fit on: local (no stage), or a Ray cluster connected in stage `engine`."""
+    from trainer.engine import make_engine
+
+    if name == "local":
+        return make_engine("local")
+    with run.stage("engine"):
+        eng = make_engine(name, address=settings.ray_address, train_workers=settings.ray_train_workers)
+        summary["engine"] = eng.describe()
+    return eng
+
+
+def _close_engine(eng) -> None:
+    if eng is None:
+        return
+    try:
+        eng.close()
+    except Exception as exc:  # a cluster gone at the end must not hide the run's own outcome
+        log.warning("could not close the %s engine: %s", eng.name, exc)
+
+
 def _channel(run: _Run, stores: RedisStores, spec: ChannelSpec, data, settings: Settings, summary: dict[str, Any],
-             progress: bool) -> None:
-    """Fit and publish one trained channel; a failure is recorded and the run goes on."""
+             progress: bool, engine=None) -> None:
+    """Fit (on `engine`, default local) and publish one trained channel; a failure is recorded and the run goes on."""
     from trainer.channels import registry
     from trainer.publishing import publish_channel
 
@@ -209,8 +302,12 @@ def _channel(run: _Run, stores: RedisStores, spec: ChannelSpec, data, settings: 
     with run.stage(f"fit:{spec.name}", fatal=False) as rec:
         t = time.perf_counter()
         ch = registry.build(spec)
-        ch.fit(data, progress=progress)
-        artifacts = ch.artifacts(data)
+        if engine is None or engine.name == "local":
+            ch.fit(data, progress=progress)
+            artifacts = ch.artifacts(data)
+        else:
+            artifacts = engine.fit(ch, data, progress=progress)
+            info["engine"] = engine.stats
         info["fit_s"] = round(time.perf_counter() - t, 3)
         info["kinds"] = sorted(artifacts)
     if rec["status"] != "ok":
@@ -218,13 +315,15 @@ def _channel(run: _Run, stores: RedisStores, spec: ChannelSpec, data, settings: 
         return
     with run.stage(f"publish:{spec.name}", fatal=False) as rec:
         extra = {"fit_s": info["fit_s"], "run_id": summary["run_id"], "dataset": summary["counts"].get("dataset")}
+        if "events" in summary:  # where an incremental update of this version starts reading the log
+            extra["event_log_to"] = summary["events"]["to"]
         m = _metrics(ch)
         if m:
             extra["metrics"] = m
             info["metrics"] = m
         ver = publish_channel(stores, spec, artifacts, data, settings.artifacts_dir, extra=extra, progress=progress,
                               grace_s=settings.version_grace_s, pending_ttl_s=settings.pending_ttl_s,
-                              keep=settings.keep_versions)
+                              keep=settings.keep_versions, owner=summary["run_id"])
         summary["versions"][spec.name] = ver
         info["version"] = ver
     info["status"] = rec["status"]
@@ -244,37 +343,74 @@ def _versions() -> dict[str, str]:
     return library_versions()
 
 
+def _summary_path(settings: Settings, run_id: str) -> Path:
+    return Path(settings.artifacts_dir) / "runs" / run_id / "summary.json"
+
+
 def _write_summary(settings: Settings, run_id: str, summary: dict[str, Any]) -> Path:
-    out = Path(settings.artifacts_dir) / "runs" / run_id
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "summary.json"
-    path.write_text(json.dumps(summary, indent=1, default=str))
+    path = _summary_path(settings, run_id)
+    write_json_atomic(path, summary)
     return path
 
 
-def run_nightly_cli(data: Path | None, config: Path | None, redis_url: str | None, artifacts: Path | None) -> int:
-    """CLI entry: 0 ok, 1 a stage failed, 2 bad input (config, data, missing Redis URL)."""
+def _end_run(stores: RedisStores | None, lease: RunLease | None, run_id: str, summary: dict[str, Any]) -> None:
+    """Drop what this run left pending (a failed or killed publish), release its lease and lock, close Redis."""
+    try:
+        if lease is not None and stores is not None:
+            dropped = drop_own_pending(stores, run_id)
+            if dropped:
+                summary["dropped_pending"] = dropped
+            lease.release()
+    except redis.exceptions.RedisError as exc:  # Redis gone: the next job cleans up (our lease expires)
+        log.warning("could not clean up this run's pending versions: %s", exc)
+    finally:
+        if stores is not None:
+            stores.close()
+
+
+def run_nightly_cli(data: Path | None, config: Path | None, redis_url: str | None, artifacts: Path | None,
+                    engine: str | None = None, ray_address: str | None = None) -> int:
+    """CLI entry: 0 ok, 1 a stage failed, 2 bad input (config, data, missing Redis URL), 3 another nightly or
+    republish holds the job lock, 128+N killed by signal N (SIGTERM, SIGINT: the summary says where)."""
     update: dict[str, Any] = {}
     if redis_url:
         update["redis_url"] = redis_url
     if artifacts:
         update["artifacts_dir"] = Path(artifacts)
+    if engine:
+        update["nightly_engine"] = engine
+    if ray_address:
+        update["ray_address"] = ray_address
     settings = get_settings().model_copy(update=update)
     if not settings.redis_url:
         print(f"error: {NO_REDIS}", file=sys.stderr)
         return 2
     if data is None and settings.data_dir is not None:
         data = settings.data_dir
-    summary = run_nightly(settings, data_dir=data, config_path=config, progress=sys.stderr.isatty())
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):  # unwind through the stages: the summary records the kill
+            previous[sig] = signal.signal(sig, _terminate)
+    try:
+        summary = run_nightly(settings, data_dir=data, config_path=config, progress=sys.stderr.isatty())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     table = "\n".join(f"  {s['stage']:<28} {s['status']:<7} {s.get('seconds', 0):8.2f}s  peak {s.get('peak_rss_mb', 0):7.0f} MB"
                       for s in summary["stages"])
     print(f"nightly {summary['run_id']}: {summary['status']} in {summary['seconds']:.1f}s, "
           f"peak RSS {summary['peak_rss_mb']:.0f} MB\n{table}\nsummary: {summary['summary_path']}", file=sys.stderr)
     if summary["status"] == "ok":
         return 0
+    if summary["status"] == "killed":
+        print(f"error: {summary['error']} during stage {summary.get('stopped_at')!r}; the previous versions keep "
+              f"serving", file=sys.stderr)
+        return 128 + (signal.SIGINT if "SIGINT" in summary["error"] else signal.SIGTERM)
     for f in summary["failed"]:
         print(f"error: {f['error']}", file=sys.stderr)
     first = summary["failed"][0]["stage"]
+    if first == "lock" and "lock_holder" in summary:
+        return 3
     return 2 if first in ("config", "load") and _input_error(summary) else 1
 
 

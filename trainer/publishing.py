@@ -43,10 +43,9 @@ def publish_channel(stores: RedisStores, spec: ChannelSpec, artifacts: Artifacts
                     **publisher_kwargs) -> str:
     """Publish every artifact of one trained channel as a new version and flip `current`."""
     ks, name = stores.keyspace, spec.name
-    pub = Publisher(stores, name, **publisher_kwargs)
+    pub = Publisher(stores, name, archive_root=artifacts_dir, **publisher_kwargs)
     ver = pub.begin()
-    out_dir = Path(artifacts_dir) / name / ver
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = pub.archive_dir  # also holds every key written (common/archive.py): `trainer republish` replays it
     manifest: dict[str, Any] = {"model": spec.model, "kinds": sorted(artifacts), "n_items": data.n_items,
                                 "n_users": data.n_users, "params": spec.params, "counts": {}, "stores": {},
                                 **(extra or {})}
@@ -64,7 +63,7 @@ def publish_channel(stores: RedisStores, spec: ChannelSpec, artifacts: Artifacts
                 keyf = lambda r, store=store: ks.u2u(store, name, ver, data.user_map.ids[r])  # noqa: E731
             with bar(art.neighbors.shape[0], kind) as b:
                 items = ((keyf(r), pack_neighbors(ids, sc)) for r, ids, sc in _rows(art))
-                n = pub.write(store, items, progress=b.update)
+                n = pub.write(store, items, progress=b.update, artifact=kind)
             written += [(store, keyf(r)) for r, *_ in list(_rows(art))[:50]]
             manifest["counts"][kind] = n
             manifest["stores"][kind] = store
@@ -75,17 +74,23 @@ def publish_channel(stores: RedisStores, spec: ChannelSpec, artifacts: Artifacts
             # past the user's interest count are zero (docs/vector_server.md, "K vectors per user")
             user_vecs = art.published_user_vectors()
             with bar(len(art.item_vectors) + len(user_vecs), "vectors") as b:
+                # digests in index order: what the vector server recomputes when it loads the version
                 n_i = pub.write("item_emb", ((ks.item_vector(name, ver, i), pack_vector(v))
-                                             for i, v in enumerate(art.item_vectors)), progress=b.update)
+                                             for i, v in enumerate(art.item_vectors)), progress=b.update,
+                                artifact="item_vectors")
                 n_u = pub.write("user_emb", ((ks.user_vector(name, ver, data.user_map.ids[u]), pack_vector(v))
-                                             for u, v in enumerate(user_vecs)), progress=b.update)
+                                             for u, v in enumerate(user_vecs)), progress=b.update,
+                                artifact="user_vectors")
             np.save(out_dir / "item_vectors.npy", art.item_vectors.astype(np.float32))
             np.save(out_dir / "user_vectors.npy", user_vecs)
             if art.user_tower is not None:
-                pub.write("item_emb", [(ks.user_tower(name, ver), art.user_tower)])
+                pub.write("item_emb", [(ks.user_tower(name, ver), art.user_tower)], artifact="user_tower")
                 (out_dir / "user_tower.pt").write_bytes(art.user_tower)
             manifest.update(dim=d, n_interests=art.n_interests, metric=art.metric,
                             has_user_tower=art.user_tower is not None, user_tower_meta=art.user_tower_meta)
+            if art.checkpoint is not None:  # what `python -m trainer incremental` warm-starts from (disk only)
+                (out_dir / "checkpoint.pt").write_bytes(art.checkpoint)
+                manifest["has_checkpoint"] = True
             manifest["counts"]["item_vectors"], manifest["counts"]["user_vectors"] = n_i, n_u
             if user_vecs.ndim == 3:
                 live = (user_vecs != 0).any(axis=2)
@@ -94,8 +99,9 @@ def publish_channel(stores: RedisStores, spec: ChannelSpec, artifacts: Artifacts
             manifest["stores"][kind] = "item_emb"
             written += [("item_emb", ks.item_vector(name, ver, i)) for i in range(min(50, n_i))]
         elif isinstance(art, ListArtifact):
-            n = pub.write("lists", ((ks.item_list(name, ver, ln), pack_neighbors(ids, sc))
-                                    for ln, (ids, sc) in art.lists.items()))
+            # sorted by name, the order of manifest["lists"] in which the recall server checks the digest
+            n = pub.write("lists", ((ks.item_list(name, ver, ln), pack_neighbors(*art.lists[ln]))
+                                    for ln in sorted(art.lists)), artifact="lists")
             manifest["counts"]["lists"] = n
             manifest["lists"] = sorted(art.lists)
             manifest["stores"][kind] = "lists"

@@ -42,9 +42,11 @@ def serve(port: int | None = typer.Option(None, help="port (default: $FEATURE_PO
     except RuntimeError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    from services.http_protocol import uvicorn_options
+
     uvicorn.run("services.feature_server.app:app_from_env", factory=True, host=host or settings.host,
                 port=port or settings.feature_port, workers=workers, access_log=settings.access_log,
-                log_level=settings.log_level.lower())
+                log_level=settings.log_level.lower(), **uvicorn_options(settings))
 
 
 if __name__ == "__main__":

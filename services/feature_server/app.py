@@ -20,12 +20,18 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, field_validator
 
-from common.features import fetch_user_states
-from common.keyspace import FEATURES_CHANNEL, Keyspace, pack_json, unpack_json
+from common.breaker import redis_breaker
+from common.event_types import normalize_event
+from common.features import fetch_item_records, fetch_user_states
+from common.id_rule import MAX_ID_LEN, IdError, check_id
+from common.keyspace import FEATURES_CHANNEL, Keyspace, pack_json
 from common.redis_conn import AsyncRedisStores
 from common.redis_url import resolve_redis_url, safe_url
 from common.settings import Settings, get_settings
 from common.versions import VersionWatcher
+from services import http_guard
+from services.feature_server.cluster_events import write_events_cluster
+from services.feature_server.event_log import EventLogWatch
 from services.feature_server.registration import (
     REGISTRATIONS,
     ItemRegistration,
@@ -36,18 +42,35 @@ from services.feature_server.registration import (
 log = logging.getLogger(__name__)
 
 BYTES_PER_EVENT = 1024  # body size allowance per event: the body limit is max_event_batch × this (+ slack)
-MAX_ID_LEN = 256
 MAX_SECONDS = 10**11  # larger "seconds" are almost certainly milliseconds
 
-# One atomic script for a whole batch. KEYS: per event (recent list, counters hash, item clicks).
-# ARGV: n, recent_n, item DB ('' = same DB as the user store), then per event: packed, ts, env, region.
+# One atomic script for a whole batch: the real-time state and the event log (docs/event_log.md) change together or
+# not at all. KEYS: per event (recent list, counters hash, item clicks), then the event-log stream.
+# ARGV: n, recent_n, item DB ('' = same DB as the user store), log bound, then per event: packed, ts, env, region,
+# user id, item id, event type; the last ARGV is the real-time state's TTL (seconds: per-user/per-item keys expire
+# after their last event, so under volatile-lru they are the keys Redis may evict, never published artifacts).
+# A batch that would take the log past its bound writes nothing: {-1, length}.
+# Idempotent retries: after the per-event ARGV come, per event, its event-id marker key ('' = no event id), then
+# the markers' TTL; an event whose marker already exists is skipped whole, and the script returns the count written.
 # SELECT inside a script only affects the script itself (Redis >= 2.8.12).
 EVENTS_LUA = """
 local n = tonumber(ARGV[1])
 local recent_n = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[#ARGV])
+local log_key = KEYS[3 * n + 1]
+local log_len = redis.call('XLEN', log_key)
+if log_len + n > tonumber(ARGV[4]) then return {-1, log_len} end
+local base = 4 + 7 * n
+local marker_ttl = tonumber(ARGV[base + n + 1])
+local fresh, accepted = {}, 0
 for i = 1, n do
+  local mk = ARGV[base + i]
+  fresh[i] = mk == '' or redis.call('SET', mk, '1', 'NX', 'EX', marker_ttl) ~= false
+  if fresh[i] then accepted = accepted + 1 end
+end
+for i = 1, n do if fresh[i] then
   local rk, ck = KEYS[3 * i - 2], KEYS[3 * i - 1]
-  local a = 3 + 4 * (i - 1)
+  local a = 4 + 7 * (i - 1)
   local ts = tonumber(ARGV[a + 2])
   redis.call('LPUSH', rk, ARGV[a + 1])
   redis.call('LTRIM', rk, 0, recent_n - 1)
@@ -58,26 +81,22 @@ for i = 1, n do
   if (not first) or ts < tonumber(first) then redis.call('HSET', ck, 'first_ts', ARGV[a + 2]) end
   if ARGV[a + 3] ~= '' then redis.call('HINCRBY', ck, 'env:' .. ARGV[a + 3], 1) end
   if ARGV[a + 4] ~= '' then redis.call('HINCRBY', ck, 'region:' .. ARGV[a + 4], 1) end
-end
+  redis.call('EXPIRE', rk, ttl)
+  redis.call('EXPIRE', ck, ttl)
+  local entry = {'user_id', ARGV[a + 5], 'item_id', ARGV[a + 6], 'timestamp', ARGV[a + 2], 'event', ARGV[a + 7]}
+  if ARGV[a + 3] ~= '' then entry[#entry + 1] = 'environment'; entry[#entry + 1] = ARGV[a + 3] end
+  if ARGV[a + 4] ~= '' then entry[#entry + 1] = 'region'; entry[#entry + 1] = ARGV[a + 4] end
+  redis.call('XADD', log_key, '*', unpack(entry))
+end end
 if ARGV[3] ~= '' then redis.call('SELECT', ARGV[3]) end
-for i = 1, n do redis.call('INCR', KEYS[3 * i]) end
-return n
+for i = 1, n do if fresh[i] then redis.call('INCR', KEYS[3 * i]); redis.call('EXPIRE', KEYS[3 * i], ttl) end end
+return {accepted, log_len + accepted}
 """
 
 
-def _id(v: Any) -> str:
-    if isinstance(v, bool) or not isinstance(v, str | int):
-        raise ValueError("must be a string or an integer")
-    s = str(v).strip()
-    if not s:
-        raise ValueError("must not be empty")
-    if len(s) > MAX_ID_LEN:
-        raise ValueError(f"must be at most {MAX_ID_LEN} characters")
-    return s
-
-
 class Event(BaseModel):
-    """One click: who clicked what, when (integer seconds; default now), and optional context."""
+    """One event: who did what to which item (`event`: click by default, like, cart, purchase), when (integer
+    seconds; default now), and optional context."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -86,11 +105,25 @@ class Event(BaseModel):
     timestamp: int | None = None
     environment: str | None = None
     region: str | None = None
+    event: str = "click"
+    event_id: str | None = None  # idempotency key: a retry with the same id within EVENT_ID_TTL_S is not counted
+
+    @field_validator("event", mode="before")
+    @classmethod
+    def _event(cls, v: Any) -> str:
+        if v is not None and not isinstance(v, str):
+            raise ValueError("must be a string or null")
+        return normalize_event(v)
 
     @field_validator("user_id", "item_id", mode="before")
     @classmethod
     def _ids(cls, v: Any) -> str:
-        return _id(v)
+        return check_id(v)  # the one id rule (common/id_rule.py); its IdError is a ValueError
+
+    @field_validator("event_id", mode="before")
+    @classmethod
+    def _event_id(cls, v: Any) -> str | None:
+        return None if v is None else check_id(v)
 
     @field_validator("environment", "region", mode="before")
     @classmethod
@@ -200,13 +233,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     redis_url = resolve_redis_url(settings)
     ks = Keyspace.from_settings(settings)
     metrics = Metrics()
+    log_watch = EventLogWatch(metrics.registry, settings)
     max_body = settings.max_event_batch * BYTES_PER_EVENT + 4096
     item_db = ks.db("item_features")
     item_db_arg = "" if item_db == ks.db("user_features") else str(item_db)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        astores = AsyncRedisStores(redis_url, ks, timeout_s=settings.redis_timeout_s)
+        astores = AsyncRedisStores(redis_url, ks, timeout_s=settings.redis_timeout_s, breaker=redis_breaker(settings))
         watcher = VersionWatcher(astores, [FEATURES_CHANNEL], interval_s=1.0)
         await watcher.start()
         app.state.astores, app.state.watcher = astores, watcher
@@ -223,6 +257,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="User features (batch + real-time events), item features, click events.")
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.state.metrics, app.state.settings = metrics, settings
+    http_guard.install(app)
+
+    def valid_id(name: str, value: str) -> str:
+        try:
+            return check_id(value)
+        except IdError as exc:
+            raise RequestError(422, f"{name} {exc}") from None
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError) -> Response:
@@ -245,6 +286,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/users/{user_id}", summary="Merged user features (batch record + real-time events)")
     async def get_user(user_id: str, request: Request) -> Response:
+        user_id = valid_id("user_id", user_id)
         version = await features_version(request)
         [state] = await fetch_user_states(request.app.state.astores, [user_id], version, settings.recent_n)
         if not state.known:
@@ -253,23 +295,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/items/{item_id}", summary="Item features plus the real-time click counter")
     async def get_item(item_id: str, request: Request) -> Response:
+        item_id = valid_id("item_id", item_id)
         version = await features_version(request)
-        pipe = request.app.state.astores("item_features").pipeline(transaction=False)
-        if version:
-            pipe.get(ks.item_features(version, item_id))
-        pipe.get(ks.realtime_item_clicks(item_id))
-        pipe.hget(registered_items_key(ks), item_id)
-        res = await pipe.execute()
-        batch = unpack_json(res[0]) if version else None
-        rt, registered = int(res[-2] or 0), unpack_json(res[-1])
-        if batch is None and rt == 0 and registered is None:
+        [rec] = await fetch_item_records(request.app.state.astores, [item_id], version)
+        if rec is None:
             raise RequestError(404, f"unknown item {item_id!r}")
-        rec = batch or {"item_id": item_id, "clicks": 0, "created_ts": None, "category": None,
-                        "attrs": registered or {}}
-        if registered is not None:
-            rec["registered"] = True  # registered through POST /items (attrs: the registration until a build)
-        rec["clicks"] = int(rec.get("clicks", 0)) + rt
-        rec["realtime_clicks"] = rt
         return _json(rec, headers={"X-Features-Version": version or ""})
 
     async def read_body(request: Request) -> bytes:
@@ -342,16 +372,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         now = int(time.time())
         rows = sorted(((e.timestamp if e.timestamp is not None else now), j) for j, e in enumerate(events))
         keys: list[str] = []
-        args: list[Any] = [len(events), settings.recent_n, item_db_arg]
+        args: list[Any] = [len(events), settings.recent_n, item_db_arg, settings.event_log_max_len]
+        markers = [ks.realtime_event_id(events[j].event_id) if events[j].event_id else "" for _, j in rows]
         for ts, j in rows:  # oldest first, so the newest ends up at the head of each recent list
             e = events[j]
             keys += [ks.realtime_recent(e.user_id), ks.realtime_counters(e.user_id), ks.realtime_item_clicks(e.item_id)]
-            args += [pack_json([e.item_id, ts, e.environment, e.region]), ts, e.environment or "", e.region or ""]
-        await request.app.state.events_script(keys=keys, args=args)
-        metrics.events_accepted.inc(len(events))
-        return _json({"accepted": len(events)})
+            args += [pack_json([e.item_id, ts, e.environment, e.region]), ts, e.environment or "", e.region or "",
+                     e.user_id, e.item_id, e.event]
+        keys.append(ks.event_log())
+        args += [*markers, settings.event_id_ttl_s]  # event-id markers (idempotent retries) and their TTL
+        args.append(settings.realtime_ttl_s)  # (read as ARGV[#ARGV] by the script)
+        if ks.cluster:  # no script may span slots: per-slot steps (services/feature_server/cluster_events.py)
+            written, log_len = await write_events_cluster(request.app.state.astores("user_features"), ks, settings,
+                                                          [(ts, events[j]) for ts, j in rows])
+        else:
+            written, log_len = await request.app.state.events_script(keys=keys, args=args)
+        log_watch.observe(int(log_len))
+        if int(written) < 0:  # the log is at its bound: refused whole, never dropped silently
+            metrics.events_rejected.labels("log_full").inc()
+            log.error("POST /events refused: %s", log_watch.full_message(int(log_len), len(events)))
+            raise RequestError(503, log_watch.full_message(int(log_len), len(events)))
+        metrics.events_accepted.inc(int(written))
+        duplicates = len(events) - int(written)  # events whose event_id was already counted (client retries)
+        return _json({"accepted": int(written), **({"duplicates": duplicates} if duplicates else {})})
 
-    @app.get("/healthz", summary="Liveness + Redis reachability + current features version")
+    @app.get("/healthz", summary="Redis reachability + current features version (503 'degraded' when Redis has none)")
     async def healthz(request: Request) -> Response:
         watcher: VersionWatcher = request.app.state.watcher
         try:
@@ -360,10 +405,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.redis_errors.labels("/healthz").inc()
             return _json({"status": "error",
                           "redis": f"Redis unavailable at {safe_url(redis_url)}: {type(exc).__name__}: {exc}"}, 503)
-        return _json({"status": "ok", "redis": "ok", "features_version": watcher.versions.get(FEATURES_CHANNEL)})
+        version = watcher.versions.get(FEATURES_CHANNEL)
+        if version is None:  # nothing published, or Redis lost it (docs/reliability.md): user records are missing
+            return _json({"status": "degraded", "redis": "ok", "features_version": None, "missing": [FEATURES_CHANNEL],
+                          "detail": "Redis has no published features version: users are served from their real-time "
+                                    "events only until it is republished"}, 503)
+        return _json({"status": "ok", "redis": "ok", "features_version": version})
 
     @app.get("/metrics", summary="Prometheus metrics")
-    async def prometheus_metrics() -> Response:
+    async def prometheus_metrics(request: Request) -> Response:
+        try:  # the event log's backlog also moves when nothing is posted (the nightly archives and trims it)
+            log_watch.observe(int(await request.app.state.astores("user_features").xlen(ks.event_log())))
+        except (redis.exceptions.RedisError, ConnectionError, TimeoutError) as exc:
+            log.warning("event log length unavailable for /metrics: %s: %s", type(exc).__name__, exc)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     _add_schemas(app)
@@ -391,8 +445,11 @@ def _add_schemas(app: FastAPI) -> None:
     app.openapi = openapi
 
 
-def app_from_env() -> FastAPI:
-    """uvicorn factory: settings from the environment."""
+WRITE_ROUTES = {("POST", "/events"), ("POST", "/items")}  # need API_WRITE_KEY when it is set
+
+
+def app_from_env() -> http_guard.HttpGuard:
+    """uvicorn factory: settings from the environment; the app behind the request policy (services/http_guard.py)."""
     settings = get_settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return create_app(settings)
+    return http_guard.HttpGuard(create_app(settings), settings, write_routes=WRITE_ROUTES)

@@ -13,9 +13,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
+from common.id_rule import MAX_ID_LEN, check_id
 from common.keyspace import Keyspace, pack_json
 
-MAX_ID_LEN = 256
 MAX_ATTRS = 64
 AttrValue = str | int | float | bool | None | list[str | int]
 
@@ -36,12 +36,7 @@ class ItemRegistration(BaseModel):
     @field_validator("item_id", mode="before")
     @classmethod
     def _item_id(cls, v: Any) -> str:
-        if isinstance(v, bool) or not isinstance(v, str | int):
-            raise ValueError("must be a string or an integer")
-        s = str(v).strip()
-        if not s or len(s) > MAX_ID_LEN:
-            raise ValueError(f"must be 1 to {MAX_ID_LEN} characters")
-        return s
+        return check_id(v)  # the one id rule (common/id_rule.py); its IdError is a ValueError
 
     @field_validator("attrs")
     @classmethod

@@ -34,9 +34,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
+    from services.http_protocol import uvicorn_options
     from services.recall_server import workers
 
-    kwargs = dict(access_log=settings.access_log, log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
+    kwargs = dict(access_log=settings.access_log, log_level=args.log_level.lower(), timeout_graceful_shutdown=5,
+                  **uvicorn_options(settings))
     if args.workers > 1 and workers.supported():  # one SO_REUSEPORT socket per worker: connections spread evenly
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:

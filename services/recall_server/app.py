@@ -25,13 +25,16 @@ from fastapi.responses import Response
 from starlette.datastructures import QueryParams
 
 from common import kernels
+from common.breaker import redis_breaker
 from common.channel_config import ChannelConfig, load_config
 from common.fast_path import FastPath
 from common.features import fetch_user_states
+from common.id_rule import MAX_EXCLUDE, IdError, check_id
 from common.keyspace import FEATURES_CHANNEL, Keyspace
 from common.merge import ChannelOutput, merge
 from common.redis_conn import AsyncRedisStores
 from common.settings import Settings, get_settings
+from services import http_guard
 from services.recall_server.metrics import RecallMetrics, metrics_payload
 from services.recall_server.response import items_json
 from services.recall_server.retrievers import (
@@ -53,10 +56,7 @@ from services.vector_server.client import VectorNotFound, VectorServerTimeout
 
 log = logging.getLogger("recall_server")
 
-MAX_ID_LEN = 256
-MAX_EXCLUDE = 10_000
 _INT_RE = re.compile(r"^[0-9]{1,9}$")
-_CTRL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
 
 
@@ -81,26 +81,35 @@ class RecallParams:
     explain: bool
 
 
-def _ids_param(name: str, value: str, limit: int) -> list[str]:
-    parts = [p.strip() for p in value.split(",")]
+def _ids_param(name: str, value: str | list, limit: int) -> list[str]:
+    """Ids from a comma-separated string (GET) or a JSON list (POST), each by the one id rule (common/id_rule.py)."""
+    if isinstance(value, list):
+        parts = list(value)
+    elif isinstance(value, str):
+        parts = [p.strip() for p in value.split(",")]
+    else:
+        raise ParamError(name, f"{name}: expected a list of ids or a comma-separated string")
     if len(parts) > limit:
-        raise ParamError(name, f"{name}: at most {limit} comma-separated values, got {len(parts)}")
+        raise ParamError(name, f"{name}: at most {limit} values, got {len(parts)}")
     for pos, p in enumerate(parts):
-        if not p:
-            raise ParamError(name, f"{name}: empty value at position {pos} (expected comma-separated ids, e.g. a,b,c)")
-        if len(p) > MAX_ID_LEN or _CTRL_RE.search(p):
-            raise ParamError(name, f"{name}: value at position {pos} is not a valid id (max {MAX_ID_LEN} printable characters)")
+        if isinstance(p, str) and not p.strip():
+            raise ParamError(name, f"{name}: empty value at position {pos} (expected ids, e.g. a,b,c)")
+        try:
+            parts[pos] = check_id(p)
+        except IdError as exc:
+            raise ParamError(name, f"{name}: value at position {pos} is not a valid id: {exc}") from None
     return parts
 
 
 def parse_params(user_id: str | None, k: str | None, channels: str | None, exclude: str | None, explain: str | None,
                  *, default_k: int, max_k: int, known: list[str]) -> RecallParams:
     """Validate the query parameters of GET /recall; raises ParamError naming the bad one."""
-    uid = (user_id or "").strip()
-    if not uid:
+    if user_id is None or (isinstance(user_id, str) and not user_id.strip()):
         raise ParamError("user_id", "user_id is required and must not be empty")
-    if len(uid) > MAX_ID_LEN or _CTRL_RE.search(uid):
-        raise ParamError("user_id", f"user_id must be at most {MAX_ID_LEN} printable characters")
+    try:
+        uid = check_id(user_id)
+    except IdError as exc:
+        raise ParamError("user_id", f"user_id {exc}") from None
     if k is None or k.strip() == "":
         kk = min(default_k, max_k)
     else:
@@ -123,6 +132,40 @@ def parse_params(user_id: str | None, k: str | None, channels: str | None, exclu
     return RecallParams(uid, kk, chans, excl, ex in _TRUE)
 
 
+BODY_FIELDS = ("user_id", "k", "channels", "exclude", "explain")
+
+
+def parse_query(query_string: bytes, *, default_k: int, max_k: int, known: list[str]) -> RecallParams:
+    """GET /recall's query string; a parameter given twice is refused (422), not silently last-wins."""
+    q = QueryParams(query_string)
+    if len(q) != len(q.multi_items()):
+        dup = next(name for name in q if len(q.getlist(name)) > 1)
+        raise ParamError(dup, f"{dup[:60]} is given {len(q.getlist(dup))} times; give each query parameter once")
+    return parse_params(q.get("user_id"), q.get("k"), q.get("channels"), q.get("exclude"), q.get("explain"),
+                        default_k=default_k, max_k=max_k, known=known)
+
+
+def parse_body(raw: bytes, *, default_k: int, max_k: int, known: list[str]) -> RecallParams:
+    """POST /recall's JSON body: the GET parameters as fields, `channels` and `exclude` as lists of ids (or
+    comma-separated strings), `k` an integer, `explain` a boolean."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ParamError("body", f"body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ParamError("body", 'body must be a JSON object, e.g. {"user_id": "42", "k": 50, "exclude": ["7"]}')
+    unknown = sorted(set(body) - set(BODY_FIELDS))
+    if unknown:
+        raise ParamError("body", f"unknown field(s) {[u[:60] for u in unknown[:5]]}; allowed: {', '.join(BODY_FIELDS)}")
+    k, explain = body.get("k"), body.get("explain", False)
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
+        raise ParamError("k", f"k must be an integer between 1 and {max_k}")
+    if not isinstance(explain, bool):
+        raise ParamError("explain", "explain must be true or false")
+    return parse_params(body.get("user_id"), None if k is None else str(k), body.get("channels"), body.get("exclude"),
+                        "true" if explain else "false", default_k=default_k, max_k=max_k, known=known)
+
+
 class RecallService:
     """Holds everything a request needs; `recall()` is the whole request path."""
 
@@ -131,7 +174,8 @@ class RecallService:
             raise RuntimeError("REDIS_URL is not set: the recall server needs a Redis (`make up` sets one up)")
         self.settings, self.config, self.metrics = settings, config, metrics
         self.ks = Keyspace.from_settings(settings)
-        self.astores = AsyncRedisStores(settings.redis_url, self.ks, timeout_s=settings.redis_timeout_s)
+        self.astores = AsyncRedisStores(settings.redis_url, self.ks, timeout_s=settings.redis_timeout_s,
+                                        breaker=redis_breaker(settings))
         self.state = ServingState(config, self.astores, RETRIEVERS)
         self.state.on_snapshot = self._on_snapshot
         self._warm_task: asyncio.Task | None = None
@@ -230,7 +274,9 @@ class RecallService:
         await self.astores.close()
 
     # -- the request path -----------------------------------------------------------------------
-    async def recall(self, p: RecallParams) -> dict:
+    async def recall(self, p: RecallParams, trace: dict | None = None) -> dict:
+        """The answer to one /recall; `trace` (the inspector's, services/recall_server/inspector) receives the
+        snapshot, the user's state and every channel's own `Result`."""
         snap = self.state.snapshot  # one consistent set of versions for the whole request
         try:
             (user,) = await fetch_user_states(self.astores, [p.user_id], snap.features_version, self.settings.recent_n)
@@ -317,6 +363,8 @@ class RecallService:
         statuses = {n: statuses[n] for n in names}  # config order, whatever order the channels finished in
         versions = {n: (results[n].version if n in results else snap.views[n].version) for n in names}
         versions[FEATURES_CHANNEL] = snap.features_version
+        if trace is not None:
+            trace.update(snapshot=snap, user=user, results=results)
         self.metrics.returned_items.observe(len(merged.ids))
         return {"user_id": p.user_id, "k": p.k, "items": items, "channels": statuses, "versions": versions,
                 "cold_start": cold}
@@ -380,6 +428,7 @@ class RecallService:
         snap = self.state.snapshot
         try:
             await self.astores("meta").ping()
+            missing = await self.state.missing_in_redis()  # published versions Redis lost (docs/reliability.md)
         except Exception as exc:
             return 503, {"status": "unavailable", "detail": f"Redis unavailable: {type(exc).__name__}: {exc}"}
         channels = {name: ("ok" if not v.unavailable else v.unavailable) for name, v in snap.views.items()}
@@ -396,6 +445,11 @@ class RecallService:
             body["vector"] = {"loaded": {n: b.version for n, b in svc.bundles.items()},
                               "not_loaded": {n: svc.load_error.get(n) or "loading" for n in svc.specs
                                              if n not in svc.bundles}}
+        if missing:  # answers keep coming from the versions held in memory, until they are republished
+            body.update(status="degraded", missing=missing,
+                        detail=f"Redis has no published version of {', '.join(missing)}: serving the versions held "
+                               f"in memory until they are republished")
+            return 503, body
         return 200, body
 
 
@@ -436,6 +490,7 @@ def create_app(settings: Settings | None = None, config: ChannelConfig | None = 
                   description="Multi-channel candidate generation: GET /recall fans out to every enabled channel "
                               "of config/channels.yaml concurrently and merges their candidates.")
     app.state.service = service
+    http_guard.install(app)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> Response:  # must be unreachable by any input
@@ -468,15 +523,19 @@ def create_app(settings: Settings | None = None, config: ChannelConfig | None = 
 
     async def answer(query_string: bytes) -> tuple[int, bytes]:
         """GET /recall as (status, JSON body), every outcome included: it never raises."""
+        return await respond(partial(parse_query, query_string, default_k=default_k, max_k=max_k, known=known),
+                             "query")
+
+    async def respond(parse, where: str) -> tuple[int, bytes]:
+        """/recall (GET or POST) as (status, JSON body); `parse()` gives the RecallParams; never raises."""
         t0 = time.perf_counter()
         try:
-            q = QueryParams(query_string)
-            p = parse_params(q.get("user_id"), q.get("k"), q.get("channels"), q.get("exclude"), q.get("explain"),
-                             default_k=default_k, max_k=max_k, known=known)
+            p = parse()
             body = await service.recall(p)
         except ParamError as exc:
             outcome["client_error"].inc()
-            return 422, orjson.dumps({"detail": [{"loc": ["query", exc.param], "msg": exc.msg, "type": "value_error"}]})
+            loc = [where] if exc.param == "body" else [where, exc.param]
+            return 422, orjson.dumps({"detail": [{"loc": loc, "msg": exc.msg, "type": "value_error"}]})
         except RedisUnavailable as exc:
             outcome["unavailable"].inc()
             return 503, orjson.dumps({"detail": str(exc)})
@@ -490,6 +549,26 @@ def create_app(settings: Settings | None = None, config: ChannelConfig | None = 
 
     app.state.recall_answer = answer
 
+    @app.post("/recall", response_class=Response, summary="Ranked candidates for one user (JSON body)",
+              description="The same answer as GET /recall, for requests too long for a URL (e.g. 10,000 excluded "
+                          "ids): a JSON object with the GET parameters as fields.",
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
+                  "type": "object", "required": ["user_id"], "additionalProperties": False, "properties": {
+                      "user_id": {"type": "string", "minLength": 1},
+                      "k": {"type": "integer", "minimum": 1, "maximum": max_k, "default": default_k},
+                      "channels": {"type": "array", "items": {"type": "string", "enum": known}},
+                      "exclude": {"type": "array", "items": {"type": "string"}, "maxItems": MAX_EXCLUDE},
+                      "explain": {"type": "boolean", "default": False}}}}}}},
+              responses={200: {"description": "as GET /recall"},
+                         413: {"description": "body over HTTP_MAX_BODY_BYTES"},
+                         415: {"description": "not Content-Type: application/json"},
+                         422: {"description": "a bad field (named in detail[0].loc)"},
+                         503: {"description": "Redis unavailable"}})
+    async def recall_post(request: Request) -> Response:
+        raw = await request.body()
+        status, body = await respond(partial(parse_body, raw, default_k=default_k, max_k=max_k, known=known), "body")
+        return Response(body, status_code=status, media_type="application/json")
+
     @app.get("/healthz", summary="200 when Redis answers (with the served versions), 503 naming Redis otherwise")
     async def healthz() -> Response:
         status, body = await service.health()
@@ -501,12 +580,16 @@ def create_app(settings: Settings | None = None, config: ChannelConfig | None = 
         payload, content_type = metrics_payload(metrics.registry)
         return Response(payload, media_type=content_type)
 
+    from services.recall_server.inspector import mount_inspector  # (imports this module)
+
+    mount_inspector(app, service, default_k, max_k)  # the inspector's pages under /ui/ (docs/inspector.md)
     return app
 
 
-def uvicorn_factory() -> FastPath:
+def uvicorn_factory() -> http_guard.HttpGuard:
     """Entry point for multi-worker uvicorn (settings from the environment)."""
-    logging.basicConfig(level=get_settings().log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app()  # GET /recall past FastAPI's routing (common/fast_path.py)
-    return FastPath(app, "GET", "/recall", app.state.recall_answer)
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)  # GET /recall past FastAPI's routing (common/fast_path.py), all behind the guard
+    return http_guard.HttpGuard(FastPath(app, "GET", "/recall", app.state.recall_answer), settings)
 

@@ -130,11 +130,64 @@ class RecallMetrics:
             self._version_labels[ch] = v or "none"
 
 
-def metrics_payload(registry: CollectorRegistry) -> tuple[bytes, str]:
-    """Exposition text of `registry`, aggregated over all workers when PROMETHEUS_MULTIPROC_DIR is set."""
+def readable_registry(registry: CollectorRegistry) -> CollectorRegistry:
+    """`registry`, or one aggregating every worker's metrics when PROMETHEUS_MULTIPROC_DIR is set."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-    return generate_latest(registry), CONTENT_TYPE_LATEST
+    return registry
+
+
+def metrics_payload(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """Exposition text of `registry`, aggregated over all workers when PROMETHEUS_MULTIPROC_DIR is set."""
+    return generate_latest(readable_registry(registry)), CONTENT_TYPE_LATEST
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """Prometheus' histogram_quantile over cumulative (upper bound, count) buckets, +Inf last: linear inside the
+    bucket holding the q-th observation (the last finite bound when it falls in +Inf); None without observations."""
+    total = buckets[-1][1] if buckets else 0.0
+    if total <= 0:
+        return None
+    rank, lo, below = q * total, 0.0, 0.0
+    for le, cum in buckets:
+        if cum >= rank:
+            if le == float("inf"):
+                return lo
+            return lo + (le - lo) * ((rank - below) / (cum - below) if cum > below else 1.0)
+        lo, below = le, cum
+    return lo
+
+
+def channel_stats(registry: CollectorRegistry) -> dict[str, dict[str, float | None]]:
+    """Per channel, since the process started (all workers): retrievals, errors, timeouts, empty answers,
+    p50/p99 latency (ms, from the histogram buckets) and mean candidates."""
+    hist: dict[str, dict[str, list[tuple[float, float]] | float]] = {}
+    out: dict[str, dict[str, float | None]] = {}
+    counters = {"recall_channel_errors": "errors", "recall_channel_timeouts": "timeouts",
+                "recall_channel_empty": "empty"}
+    for metric in readable_registry(registry).collect():
+        for s in metric.samples:
+            ch = s.labels.get("channel")
+            if ch is None or not s.name.startswith(("recall_channel_seconds", "recall_channel_candidates_sum",
+                                                     *counters)):
+                continue
+            row = out.setdefault(ch, {"requests": 0.0, "errors": 0.0, "timeouts": 0.0, "empty": 0.0})
+            if s.name == "recall_channel_seconds_bucket":
+                hist.setdefault(ch, {}).setdefault("buckets", []).append((float(s.labels["le"]), s.value))
+            elif s.name == "recall_channel_seconds_count":
+                row["requests"] += s.value
+            elif s.name == "recall_channel_candidates_sum":
+                hist.setdefault(ch, {})["candidates"] = s.value
+            elif s.name.removesuffix("_total") in counters:
+                row[counters[s.name.removesuffix("_total")]] += s.value
+    for ch, row in out.items():
+        h = hist.get(ch, {})
+        buckets = sorted(h.get("buckets", []))
+        for q in (0.5, 0.99):
+            v = histogram_quantile(q, buckets)
+            row[f"p{round(q * 100)}_ms"] = None if v is None else round(1000.0 * v, 3)
+        row["mean_candidates"] = round(h["candidates"] / row["requests"], 1) if row["requests"] and "candidates" in h else None
+    return out

@@ -24,6 +24,7 @@ from common.features import UserState
 from common.keyspace import unpack_neighbors
 from common.merge import REQUEST_SIZE, normalise
 from common.settings import Settings
+from services.http_guard import client_headers
 from services.recall_server.state import ChannelView, NeighborRecentCache, Snapshot, recent_indices
 from services.vector_server.client import VectorClient, VectorServerUnavailable
 
@@ -312,7 +313,8 @@ class VectorRetriever(Retriever):
 
             self.client = EmbeddedVectorSearch(settings)
         elif timeouts:
-            self.client = VectorClient(settings.vector_url, timeout_s=max(timeouts) / 1000.0)
+            self.client = VectorClient(settings.vector_url, timeout_s=max(timeouts) / 1000.0,
+                                       headers=client_headers(settings))
 
     async def startup(self) -> None:
         if self.settings.vector_mode == "embedded" and self.client is not None:

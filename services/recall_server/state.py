@@ -3,6 +3,10 @@
 Everything a request needs that does not depend on the user is prepared here when a version changes,
 and exposed as one immutable `Snapshot`. A request reads `state.snapshot` once, so it never mixes two
 versions of a channel even if a publish lands while it runs.
+
+When Redis loses what was published (flushed, restarted empty), the snapshot keeps the versions, manifests,
+lists and id maps it holds, so answers keep coming from memory until the versions are back (`missing_in_redis`
+says what Redis lacks; /healthz turns 503 "degraded"). See docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 import orjson
 
+from common.archive import DigestMismatch, check_digest, value_digest
 from common.channel_config import ChannelConfig, ChannelSpec
 from common.keyspace import FEATURES_CHANNEL, Keyspace, unpack_json, unpack_neighbors
 from common.retrieval import rank_list
@@ -118,6 +123,7 @@ class ServingState:
                                  views={c.name: ChannelView(c, unavailable="not published yet") for c in self.enabled})
         self.neighbor_cache = NeighborRecentCache()
         self._id_lens: dict[str, int] = {"item": -1, "user": -1}
+        self._short_prefix: dict[str, int] = {}  # entity → a shorter published length found to be a prefix of ours
         self._item_ids, self._item_index, self._user_ids = EMPTY_OBJ, {}, EMPTY_OBJ
         self._item_json = item_fragments([])
         self._manifests: dict[tuple[str, str], dict | None] = {}
@@ -138,11 +144,27 @@ class ServingState:
     def redis_healthy(self) -> bool:
         return self.watcher.healthy
 
+    async def missing_in_redis(self) -> list[str]:
+        """Right now, what Redis lacks of what this server serves: watched channels without `current`, and "ids"
+        when the id maps are gone (one MGET)."""
+        ks = self.ks
+        values = await self.astores("meta").mget([*(ks.current(c) for c in self.watched), ks.id_map_len("item")])
+        out = [c for c, v in zip(self.watched, values, strict=False) if v is None]
+        if self._id_lens["item"] > 0 and not int(values[-1] or 0):
+            out.append("ids")
+        return out
+
     async def sync(self, versions: dict[str, str | None]) -> None:
         """Rebuild the snapshot if a version or an id map changed (idempotent; retried next poll on error)."""
         meta = self.astores("meta")
         lens = await meta.mget([self.ks.id_map_len("item"), self.ks.id_map_len("user")])
         lens = {"item": int(lens[0] or 0), "user": int(lens[1] or 0)}
+        # Redis lost data (flushed, restarted empty): keep serving the versions and id maps held. Id maps are
+        # append-only, so a map that is gone, or a prefix of ours, is a loss; another shorter map is a new start.
+        held = self.snapshot.versions
+        versions = {c: (v if v is not None else held.get(c)) for c, v in versions.items()}
+        lens = {e: (self._id_lens[e] if 0 < self._id_lens[e] and n in (0, self._short_prefix.get(e)) else n)
+                for e, n in lens.items()}
         if versions == self.snapshot.versions and lens == self._id_lens:
             return
         refill = (versions.get(FEATURES_CHANNEL) != self.snapshot.features_version or
@@ -151,6 +173,11 @@ class ServingState:
             if lens[entity] != self._id_lens[entity]:
                 raw = await meta.get(self.ks.id_map(entity))
                 ids = orjson.loads(raw) if raw else []
+                mine = self._item_ids if entity == "item" else self._user_ids
+                if len(ids) < len(mine) and ids == mine[:len(ids)].tolist():
+                    self._short_prefix[entity] = lens[entity]  # a loss: keep ours (and stop re-reading it)
+                    continue
+                self._short_prefix.pop(entity, None)
                 arr = np.empty(len(ids), dtype=object)
                 arr[:] = ids
                 if entity == "item":
@@ -219,15 +246,25 @@ class ServingState:
         lists = None
         if self.kinds[spec.kind].in_snapshot:
             if key not in self._lists:
-                self._lists[key] = await self._load_lists(spec.publisher, version, manifest.get("lists", []))
+                try:
+                    self._lists[key] = await self._load_lists(spec.publisher, version, manifest)
+                except DigestMismatch as exc:  # tampered or damaged: never served; the version held (if any) is
+                    log.error("%s", exc)
+                    prev = self.snapshot.views.get(spec.name)
+                    if prev is not None and prev.lists is not None and not prev.unavailable:
+                        return prev
+                    return ChannelView(spec, version, manifest, unavailable=str(exc))
             lists = self._lists[key]
         return ChannelView(spec, version, manifest, store, lists)
 
-    async def _load_lists(self, channel: str, version: str, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Every list of a list channel's version, in memory (one MGET per version, none per request)."""
+    async def _load_lists(self, channel: str, version: str, manifest: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Every list of a list channel's version, in memory (one MGET per version, none per request), checked
+        against the manifest's digest (DigestMismatch: refused)."""
+        names = manifest.get("lists", [])
         if not names:
             return {}
         values = await self.astores("lists").mget([self.ks.item_list(channel, version, n) for n in names])
+        check_digest(manifest, "lists", value_digest(values), f"channel {channel!r} version {version}")
         out = {}
         for name, value in zip(names, values, strict=True):
             ids, scores = unpack_neighbors(value)

@@ -37,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["VECTOR_POLL_S"] = str(args.poll_s)
     import uvicorn
 
+    from services.http_protocol import uvicorn_options
+
     uvicorn.run("services.vector_server.app:app_from_env", factory=True, host=args.host, port=args.port,
-                workers=args.workers, access_log=settings.access_log, log_level=settings.log_level.lower())
+                workers=args.workers, access_log=settings.access_log, log_level=settings.log_level.lower(),
+                **uvicorn_options(settings))
     return 0
 
 

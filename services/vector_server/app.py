@@ -18,7 +18,9 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common.fast_path import FastPath
+from common.id_rule import MAX_EXCLUDE, MAX_RECENT, IdError, check_id, check_ids
 from common.settings import Settings, get_settings
+from services import http_guard
 from services.vector_server.core import (
     HTTPError,
     SearchRequest,
@@ -35,13 +37,28 @@ def json_response(obj: Any, status: int = 200) -> Response:
                     media_type="application/json")
 
 
+ID_LIST_LIMITS = {"exclude": MAX_EXCLUDE, "recent": MAX_RECENT}
+MAX_CHANNELS, MAX_ATTRS = 100, 256  # entries of /search/user's `channels` and `attrs` objects
+
+
 def _id_list(body: dict, name: str) -> list[str] | None:
     v = body.get(name)
     if v is None:
         return None
-    if not isinstance(v, list) or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in v):
-        raise HTTPError(422, f"field '{name}' must be a list of item ids (strings or integers)")
-    return [str(x) for x in v]
+    try:
+        return check_ids(v, ID_LIST_LIMITS[name])  # the one id rule (common/id_rule.py), and the list's bound
+    except IdError as exc:
+        raise HTTPError(422, f"field '{name}': {exc} (a list of item ids)") from None
+
+
+def _user_id(body: dict, required: bool) -> str | None:
+    v = body.get("user_id")
+    if v is None and not required:
+        return None
+    try:
+        return check_id(v)
+    except IdError as exc:
+        raise HTTPError(422, f"field 'user_id' {exc}") from None
 
 
 def _json_object(raw: bytes, required: str, allowed: list[str]) -> dict:
@@ -68,13 +85,10 @@ def parse_search(raw: bytes, max_k: int) -> SearchRequest:
     k = body.get("k")
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= max_k:
         raise HTTPError(422, f"field 'k' must be an integer between 1 and {max_k}, got {k!r}")
-    vector, user_id = body.get("vector"), body.get("user_id")
-    if (vector is None) == (user_id is None):
+    vector = body.get("vector")
+    if (vector is None) == (body.get("user_id") is None):
         raise HTTPError(422, "exactly one of 'vector' or 'user_id' must be given")
-    if user_id is not None:
-        if isinstance(user_id, bool) or not isinstance(user_id, (str, int)) or user_id == "":
-            raise HTTPError(422, "field 'user_id' must be a non-empty string")
-        user_id = str(user_id)
+    user_id = _user_id(body, required=False)
     if vector is not None and not isinstance(vector, list):
         raise HTTPError(422, "field 'vector' must be a list of numbers")
     exclude_seen = body.get("exclude_seen", False)
@@ -90,24 +104,22 @@ def parse_user_search(raw: bytes, max_k: int) -> UserSearchRequest:
     """Validate a /search/user body; every failure names the field."""
     body = _json_object(raw, "'user_id' and 'channels'",
                         ["user_id", "channels", "exclude", "recent", "attrs", "exclude_seen", "item_ids"])
-    user_id = body.get("user_id")
-    if isinstance(user_id, bool) or not isinstance(user_id, (str, int)) or user_id == "":
-        raise HTTPError(422, "field 'user_id' is required and must be a non-empty string")
+    user_id = _user_id(body, required=True)
     channels = body.get("channels")
-    if not isinstance(channels, dict) or not channels:
-        raise HTTPError(422, "field 'channels' must be a non-empty object {channel: k}")
+    if not isinstance(channels, dict) or not channels or len(channels) > MAX_CHANNELS:
+        raise HTTPError(422, f"field 'channels' must be a non-empty object {{channel: k}} of at most {MAX_CHANNELS}")
     for name, k in channels.items():
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= max_k:
             raise HTTPError(422, f"field 'channels': k of {name!r} must be an integer between 1 and {max_k}, got {k!r}")
     attrs = body.get("attrs")
-    if attrs is not None and not isinstance(attrs, dict):
-        raise HTTPError(422, "field 'attrs' must be an object {attribute: value}")
+    if attrs is not None and (not isinstance(attrs, dict) or len(attrs) > MAX_ATTRS):
+        raise HTTPError(422, f"field 'attrs' must be an object {{attribute: value}} of at most {MAX_ATTRS}")
     flags = {}
     for flag in ("exclude_seen", "item_ids"):
         flags[flag] = body.get(flag, flag == "item_ids")
         if not isinstance(flags[flag], bool):
             raise HTTPError(422, f"field '{flag}' must be a boolean")
-    return UserSearchRequest(str(user_id), channels, _id_list(body, "exclude") or [], _id_list(body, "recent"), attrs,
+    return UserSearchRequest(user_id, channels, _id_list(body, "exclude") or [], _id_list(body, "recent"), attrs,
                              flags["exclude_seen"], flags["item_ids"])
 
 
@@ -129,6 +141,7 @@ def create_app(settings: Settings | None = None, poll_s: float | None = None) ->
                   description="faiss top-k over u2i channels; user vectors from the channel's user tower.")
     app.state.service = svc
     metrics = svc.metrics
+    http_guard.install(app)
 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, exc: HTTPError) -> Response:
@@ -219,8 +232,9 @@ def create_app(settings: Settings | None = None, poll_s: float | None = None) ->
     return app
 
 
-def app_from_env() -> FastPath:
+def app_from_env() -> http_guard.HttpGuard:
     """uvicorn factory (`--workers N` imports the app by name in each worker)."""
-    logging.basicConfig(level=get_settings().log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    app = create_app(get_settings())  # POST /search/user past FastAPI's routing (common/fast_path.py)
-    return FastPath(app, "POST", "/search/user", app.state.answer_user)
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app = create_app(settings)  # POST /search/user past FastAPI's routing (common/fast_path.py), all behind the guard
+    return http_guard.HttpGuard(FastPath(app, "POST", "/search/user", app.state.answer_user), settings)

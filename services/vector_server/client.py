@@ -48,8 +48,10 @@ class VectorClient:
 
     The aiohttp session is opened on first use, inside the running event loop."""
 
-    def __init__(self, base_url: str, timeout_s: float = 0.5, max_connections: int = 64):
+    def __init__(self, base_url: str, timeout_s: float = 0.5, max_connections: int = 64,
+                 headers: dict[str, str] | None = None):
         self.base_url, self.timeout_s = base_url.rstrip("/"), timeout_s
+        self.headers = {"content-type": "application/json", **(headers or {})}  # e.g. the API key
         self.max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
@@ -69,7 +71,7 @@ class VectorClient:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self.max_connections, ttl_dns_cache=None)
             self._session = aiohttp.ClientSession(connector=connector, json_serialize=lambda o: orjson.dumps(o).decode(),
-                                                  headers={"content-type": "application/json"})
+                                                  headers=self.headers)
         return self._session
 
     def _timeout(self, seconds: float) -> aiohttp.ClientTimeout:

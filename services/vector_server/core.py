@@ -21,6 +21,7 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from common import kernels
+from common.breaker import redis_breaker
 from common.channel_config import ChannelSpec, load_config
 from common.features import UserState, fetch_user_states
 from common.keyspace import FEATURES_CHANNEL, Keyspace
@@ -102,7 +103,8 @@ class VectorService:
         # a `from:` channel may also be asked for by its publisher's name (what the recall server sends)
         self.alias = {s.publisher: n for n, s in self.specs.items() if s.publisher not in self.specs}
         self.ks = Keyspace.from_settings(settings)
-        self.astores = AsyncRedisStores(settings.redis_url, self.ks, timeout_s=settings.redis_timeout_s)
+        self.astores = AsyncRedisStores(settings.redis_url, self.ks, timeout_s=settings.redis_timeout_s,
+                                        breaker=redis_breaker(settings))
         self.stores = RedisStores(settings.redis_url, self.ks, socket_timeout=settings.vector_load_timeout_s,
                                   socket_connect_timeout=settings.redis_timeout_s)
         self.bundles: dict[str, Bundle] = {}
@@ -114,6 +116,7 @@ class VectorService:
         self._bg: list[asyncio.Task] = []
         self._precomputing: dict[str, asyncio.Task] = {}  # channel → its per-user results being computed
         self._stopping = threading.Event()  # tells precompute threads to give up (shutdown)
+        self.ids_lost = False  # Redis lost the id maps: the ones held serve on (docs/reliability.md)
         publishers = sorted({s.publisher for s in self.specs.values()})
         self.watcher = VersionWatcher(self.astores, [*publishers, FEATURES_CHANNEL], self.poll_s, self._on_change)
 
@@ -131,11 +134,10 @@ class VectorService:
         failures = 0
         while True:
             target, current = self.target.get(name), self.bundles.get(name)
-            if target is None:
+            if target is None:  # Redis lost the version (flushed, restarted empty): the bundle in memory serves on
                 if current is not None:
-                    log.warning("channel %s: `current` pointer gone; no longer serving version %s", name,
-                                current.version)
-                    self._drop(name)
+                    log.warning("channel %s: `current` pointer gone from Redis; still serving version %s from memory "
+                                "until a version is published again (/healthz: degraded)", name, current.version)
                 return
             if current is not None and current.version == target:
                 return
@@ -184,12 +186,6 @@ class VectorService:
                  bundle.load_s)
         # the old bundle is freed by reference counting once the requests holding it finish
 
-    def _drop(self, name: str) -> None:
-        old = self.bundles.pop(name, None)
-        if old is not None:
-            self.metrics.version.remove(name, old.version)
-            self.metrics.index_items.labels(name).set(0)
-
     async def _refresh_maps(self) -> IdMaps:
         self.maps = await asyncio.to_thread(load_id_maps, self.stores)
         return self.maps
@@ -200,7 +196,8 @@ class VectorService:
         while True:
             try:
                 n_item, n_user = await self.astores("meta").mget([ks.id_map_len("item"), ks.id_map_len("user")])
-                if int(n_item or 0) != self.maps.n_item or int(n_user or 0) != self.maps.n_user:
+                self.ids_lost = not n_item and self.maps.n_item > 0  # Redis lost the maps: ours serve on
+                if not self.ids_lost and (int(n_item or 0) != self.maps.n_item or int(n_user or 0) != self.maps.n_user):
                     await self._refresh_maps()
                     log.info("id maps reloaded: %d items, %d users", len(self.maps.item), len(self.maps.user))
             except asyncio.CancelledError:
@@ -402,6 +399,9 @@ class VectorService:
             raise HTTPError(422, "field 'vector' contains NaN or infinite values")
         exclude = np.asarray(maps.item_indices(req.exclude), dtype=np.int64) if req.exclude else None
         ids, scores = b.search(q, req.k, exclude)
+        if not np.isfinite(scores).all():  # float32 overflow of huge finite components: JSON would say null
+            raise HTTPError(422, "field 'vector': its components are too large (the scores overflow float32); "
+                                 "scale the vector down")
         return {"channel": req.channel, "version": b.version, "source": "vector", "ids": ids,
                 "item_ids": maps.external_items(ids), "scores": scores}, "vector"
 
@@ -418,9 +418,16 @@ class VectorService:
                                 "precomputing": self.precomputing(),
                                 "features_version": self.watcher.versions.get(FEATURES_CHANNEL)}
         try:
-            await self.astores("meta").ping()
+            watched = self.watcher.channels
+            values = await self.astores("meta").mget([self.ks.current(c) for c in watched])
         except REDIS_ERRORS as exc:
             body.update(status="unavailable", detail=f"Redis unreachable: {type(exc).__name__}: {exc}")
+            return 503, body
+        missing = [c for c, v in zip(watched, values, strict=True) if v is None] + (["ids"] if self.ids_lost else [])
+        if missing:  # Redis lost (or never had) them: the bundles held keep answering (docs/reliability.md)
+            body.update(status="degraded", missing=missing,
+                        detail=f"Redis has no published version of {', '.join(missing)}: serving the versions held in "
+                               f"memory (if any) until they are published again")
             return 503, body
         return 200, body
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from common import kernels
+from common.archive import DigestMismatch, check_digest, hexdigest, new_digest, update_digest, value_digest
 from common.channel_config import ChannelSpec, IndexParams
 from common.ids import IdMap
 from common.publish import read_manifest
@@ -298,8 +299,9 @@ class Bundle:
 
 
 def read_item_vectors(stores: RedisStores, publisher: str, version: str, n_items: int,
-                      dim: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """All item vectors of a version (MGET in batches; missing/malformed keys skipped) and the row → item map."""
+                      dim: int, digest: Any = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """All item vectors of a version (MGET in batches; missing/malformed keys skipped) and the row → item map.
+    `digest` (common.archive.new_digest()) is fed every value read, in index order."""
     ks, client = stores.keyspace, stores("item_emb")
     nbytes = 4 * dim
     chunks: list[bytes] = []
@@ -307,6 +309,10 @@ def read_item_vectors(stores: RedisStores, publisher: str, version: str, n_items
     for start in range(0, n_items, MGET_BATCH):
         stop = min(start + MGET_BATCH, n_items)
         values = client.mget([ks.item_vector(publisher, version, i) for i in range(start, stop)])
+        if digest is not None:
+            for v in values:
+                if v is not None:
+                    update_digest(digest, v)
         ok = np.fromiter((v is not None and len(v) == nbytes for v in values), dtype=bool, count=len(values))
         chunks.extend(v for v, good in zip(values, ok, strict=True) if good)
         present.append(np.flatnonzero(ok) + start)
@@ -317,9 +323,9 @@ def read_item_vectors(stores: RedisStores, publisher: str, version: str, n_items
 
 
 def read_user_vectors(stores: RedisStores, publisher: str, version: str, user_ids: list[str],
-                      dim: int, n_interests: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                      dim: int, n_interests: int = 1, digest: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Precomputed vectors of `user_ids` (one row each, zeros where missing; [users, K, dim] for K > 1 interests
-    per user) and the mask of those present."""
+    per user) and the mask of those present. `digest` is fed every value read, in order."""
     ks, client = stores.keyspace, stores("user_emb")
     nbytes = 4 * dim * n_interests
     out = np.zeros((len(user_ids), dim) if n_interests == 1 else (len(user_ids), n_interests, dim), dtype=np.float32)
@@ -328,6 +334,8 @@ def read_user_vectors(stores: RedisStores, publisher: str, version: str, user_id
         part = user_ids[start:start + MGET_BATCH]
         values = client.mget([ks.user_vector(publisher, version, u) for u in part])
         for j, v in enumerate(values):
+            if digest is not None and v is not None:
+                update_digest(digest, v)
             if v is not None and len(v) == nbytes:
                 out[start + j] = np.frombuffer(v, dtype="<f4").reshape(out.shape[1:])
                 present[start + j] = True
@@ -409,7 +417,10 @@ def load_bundle(stores: RedisStores, spec: ChannelSpec, version: str, maps: IdMa
     metric = str(manifest.get("metric", "ip")).lower()
     if metric not in ("ip", "dot", "cos", "cosine"):
         raise LoadError(f"channel {publisher!r}: unsupported metric {metric!r} (ip or cosine)")
-    vectors, rows = read_item_vectors(stores, publisher, version, n_items, dim)
+    what = f"channel {publisher!r} version {version}"
+    h = new_digest()  # every artifact read is checked against the manifest's digest: a mismatch is never loaded
+    vectors, rows = read_item_vectors(stores, publisher, version, n_items, dim, digest=h)
+    _check(manifest, "item_vectors", h, what)
     normalize = metric in ("cos", "cosine")
     if normalize and len(vectors):
         vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
@@ -426,8 +437,15 @@ def load_bundle(stores: RedisStores, spec: ChannelSpec, version: str, maps: IdMa
             blob = stores("item_emb").get(stores.keyspace.user_tower(publisher, version))
             if blob is None:
                 raise LoadError("user tower key missing")
+            _check(manifest, "user_tower", value_digest([blob]), what)  # before a byte of it is unpickled
             tower = load_tower(blob, tower_meta, dim)
             tower_fn = twin_of(tower, tower_meta, f"channel {spec.name} version {version}")
+        except LoadError as exc:
+            if isinstance(exc.__cause__, DigestMismatch):  # tampered: refuse the whole version
+                raise
+            tower, tower_fn, tower_error = None, None, f"{type(exc).__name__}: {exc}"
+            log.error("channel %s version %s: user tower unusable, falling back to precomputed vectors: %s",
+                      spec.name, version, tower_error)
         except Exception as exc:  # serve the precomputed vectors rather than nothing
             tower, tower_fn, tower_error = None, None, f"{type(exc).__name__}: {exc}"
             log.error("channel %s version %s: user tower unusable, falling back to precomputed vectors: %s",
@@ -448,7 +466,10 @@ def load_bundle(stores: RedisStores, spec: ChannelSpec, version: str, maps: IdMa
         user_map = (private_maps or maps or load_id_maps(stores)).user
         if len(user_map) >= n_users:  # else (a map older than the version) read vectors per request
             users = user_map.ids[:n_users]
-            user_vectors, user_present = read_user_vectors(stores, publisher, version, list(users), dim, n_interests)
+            h = new_digest()
+            user_vectors, user_present = read_user_vectors(stores, publisher, version, list(users), dim, n_interests,
+                                                           digest=h)
+            _check(manifest, "user_vectors", h, what)
         else:
             user_map = None
     return Bundle(channel=spec.name, publisher=publisher, version=version, dim=dim, n_items=n_items,
@@ -458,6 +479,14 @@ def load_bundle(stores: RedisStores, spec: ChannelSpec, version: str, maps: IdMa
                   tower_error=tower_error, rescore=rescore, index_dims=index_dims, maps=private_maps, manifest=manifest, user_vectors=user_vectors,
                   user_present=user_present, user_map=user_map, n_interests=n_interests,
                   load_s=time.perf_counter() - t0, keep=keep)
+
+
+def _check(manifest: dict[str, Any], artifact: str, got: Any, what: str) -> None:
+    """LoadError (the version is refused, never loaded) when `artifact` differs from the manifest's digest."""
+    try:
+        check_digest(manifest, artifact, got if isinstance(got, str) else hexdigest(got), what)
+    except DigestMismatch as exc:
+        raise LoadError(str(exc)) from exc
 
 
 def first_stage_dims(vectors: np.ndarray, tower_meta: dict[str, Any], normalize: bool) -> int:

@@ -66,6 +66,7 @@ class VectorArtifact:
     user_tower: bytes | None = None
     user_tower_meta: dict[str, Any] = field(default_factory=dict)
     interest_counts: np.ndarray | None = None  # int [n_users]: live interests per user (3-D user_vectors)
+    checkpoint: bytes | None = None  # training state an incremental update warm-starts from (trainer/nn/warm_start.py)
 
     @property
     def n_interests(self) -> int:

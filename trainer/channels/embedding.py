@@ -34,6 +34,8 @@ class EmbeddingChannel(Channel):
     u2u_vectors: np.ndarray | None = None
     valid_items: np.ndarray | None = None
     valid_users: np.ndarray | None = None
+    # the i2i/u2u list search (same signature as cosine_neighbors); the Ray engine sets its sharded twin
+    neighbor_search = staticmethod(cosine_neighbors)
 
     def neighbors_k(self, kind: str) -> int:
         """How many neighbours each published i2i/u2u row keeps: params `top_k` (u2u: `u2u_top_k` if set)."""
@@ -43,6 +45,11 @@ class EmbeddingChannel(Channel):
 
     def export_user_tower(self, data: TrainData) -> tuple[bytes, dict[str, Any]] | None:
         """(serialised tower, manifest meta) of a request-time user tower, or None (precomputed vectors only)."""
+        return None
+
+    def training_checkpoint(self) -> bytes | None:
+        """Training state that `python -m trainer incremental` warm-starts from (published to disk with the u2i
+        artifact), or None: a model without incremental updates."""
         return None
 
     def build_artifacts(self, data: TrainData) -> Artifacts:
@@ -66,7 +73,7 @@ class EmbeddingChannel(Channel):
                               user_vectors=np.ascontiguousarray(self.user_vectors, np.float32), metric=self.metric,
                               user_tower=None if tower is None else tower[0],
                               user_tower_meta={} if tower is None else tower[1],
-                              interest_counts=self.interest_counts)
+                              interest_counts=self.interest_counts, checkpoint=self.training_checkpoint())
 
     def neighbor_artifact(self, kind: str) -> NeighborArtifact:
         if kind == "i2i":
@@ -77,4 +84,4 @@ class EmbeddingChannel(Channel):
             if vecs is None or vecs.ndim != 2:
                 raise RuntimeError(f"{self.model}: u2u lists need 2-D u2u_vectors (or user_vectors)")
             valid = self.valid_users
-        return cosine_neighbors(vecs, self.neighbors_k(kind), valid=valid, desc=f"{self.model} {kind}")
+        return self.neighbor_search(vecs, self.neighbors_k(kind), valid=valid, desc=f"{self.model} {kind}")

@@ -54,6 +54,19 @@ class Item2VecParams(BaseModel):
     workers: int = Field(1, ge=1, le=64, description=">1 is faster but not reproducible")
 
 
+def train_word2vec(sentences: list[list[str]], p: Item2VecParams, seed: int, progress: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """gensim skip-gram on the sentences: (item indices, their vectors)."""
+    from gensim.models import Word2Vec  # heavy import, only when fitting
+
+    logging.getLogger("gensim").setLevel(logging.INFO if progress else logging.WARNING)
+    w2v = Word2Vec(sentences=sentences, vector_size=p.dim, window=p.window, min_count=p.min_count,
+                   sg=1, hs=0, negative=p.num_negatives, ns_exponent=p.negatives_power, sample=p.sample,
+                   epochs=p.epochs, alpha=p.lr, min_alpha=p.lr * 1e-3, seed=seed,
+                   workers=p.workers, hashfxn=_crc_hash, sorted_vocab=True, shrink_windows=p.shrink_windows)
+    return np.array([int(k) for k in w2v.wv.index_to_key], dtype=np.int64), w2v.wv.vectors
+
+
 class Item2VecChannel(EmbeddingChannel):
     """Skip-gram item embeddings → cosine i2i lists."""
 
@@ -63,8 +76,6 @@ class Item2VecChannel(EmbeddingChannel):
     renamed = {"negative": "num_negatives", "alpha": "lr", "ns_exponent": "negatives_power"}
 
     def fit(self, data: TrainData, progress: bool = False) -> None:
-        from gensim.models import Word2Vec  # heavy import, only when fitting
-
         p: Item2VecParams = self.params
         t0 = time.perf_counter()
         self._artifacts = None
@@ -74,13 +85,8 @@ class Item2VecChannel(EmbeddingChannel):
         self.item_vectors = np.zeros((data.n_items, p.dim), np.float32)
         self.has_vector = np.zeros(data.n_items, bool)
         if sentences:
-            logging.getLogger("gensim").setLevel(logging.INFO if progress else logging.WARNING)
-            w2v = Word2Vec(sentences=sentences, vector_size=p.dim, window=p.window, min_count=p.min_count,
-                           sg=1, hs=0, negative=p.num_negatives, ns_exponent=p.negatives_power, sample=p.sample,
-                           epochs=p.epochs, alpha=p.lr, min_alpha=p.lr * 1e-3, seed=self.seed,
-                           workers=p.workers, hashfxn=_crc_hash, sorted_vocab=True, shrink_windows=p.shrink_windows)
-            keys = np.array([int(k) for k in w2v.wv.index_to_key], dtype=np.int64)
-            self.item_vectors[keys] = w2v.wv.vectors
+            keys, vectors = train_word2vec(sentences, p, self.seed, progress)
+            self.item_vectors[keys] = vectors
             self.has_vector[keys] = True
         self.valid_items = self.has_vector  # items never in a session of ≥ min_session_len: no list, no neighbour
         self.fit_s = time.perf_counter() - t0

@@ -7,6 +7,8 @@ w_ij = Σ_{u∈N(i)∩N(j)} 1/log(1+|N(u)|) / (|N(i)|^(1−α)·|N(j)|^α).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field
@@ -48,97 +50,161 @@ class ItemCF(Channel):
 
     def fit(self, data: TrainData, progress: bool = False) -> None:
         p: ItemCFParams = self.params
-        items, ts, uid, pos, lengths = capped_histories(data, p.max_history)
+        prep = prepare(data, p)
         n = data.n_items
-        user_w = 1.0 / np.log1p(np.maximum(lengths, 1)) if p.user_penalty else np.ones(len(lengths))
-        cat = data.item_category[0] if p.category_weight != 1.0 else None
-        longest = int(lengths.max()) if len(lengths) else 0
-        plain = (p.position_decay == 1.0 and p.time_decay_s is None and p.forward_weight == p.backward_weight
-                 and (p.window is None or p.window >= longest - 1))
-        if plain:
-            co = self._cooccurrence_product(items, uid, user_w, n, data.n_users)
+        if prep.plain:
+            co = product_rows(prep, 0, n)
         else:
-            co = self._cooccurrence_pairs(items, ts, uid, pos, lengths, user_w, n, progress)
-        co = co.tocsr()
-        co.sum_duplicates()
-        rows = np.repeat(np.arange(n), np.diff(co.indptr))
-        if cat is not None:
-            same = (cat[rows] == cat[co.indices]) & (cat[rows] >= 0)
-            co.data[same] *= p.category_weight
-        counts = np.bincount(items, minlength=n).astype(np.float64)
-        with np.errstate(divide="ignore"):
-            co.data /= counts[rows] ** (1.0 - p.alpha) * counts[co.indices] ** p.alpha
-        self.stats = {"interactions_used": int(len(items)), "pairs": int(self.n_pairs), "nnz": int(co.nnz)}
+            co = pair_rows(prep, 0, n, progress=progress)
+            # co holds forward pairs (i earlier, j later); the backward ones are its transpose
+            co = (p.forward_weight * co + p.backward_weight * co.T).tocsr()
+            co.eliminate_zeros()
+        co = score_rows(co, 0, prep)
+        self.n_pairs = prep.n_pairs
+        self.stats = {"interactions_used": int(len(prep.items)), "pairs": int(self.n_pairs), "nnz": int(co.nnz)}
         nb, sc = sparse_top_k(co, p.top_k, progress=progress, desc="itemcf top-k")
         self._artifacts = {"i2i": NeighborArtifact(nb, sc)}
-
-    def _cooccurrence_product(self, items, uid, user_w, n_items, n_users) -> sp.csr_matrix:
-        """All pairs, symmetric weights: Xᵀ·diag(w_u)·X (minus the diagonal), times the order weight."""
-        x = sp.csr_matrix((np.ones(len(items)), (uid, items)), shape=(n_users, n_items))
-        co = (x.T @ sp.diags(user_w) @ x).tocsr()
-        co.setdiag(0)
-        co.eliminate_zeros()
-        co.data *= self.params.forward_weight
-        lengths = np.bincount(uid, minlength=n_users)
-        self.n_pairs = int((lengths * (lengths - 1)).sum())
-        return co
-
-    def _cooccurrence_pairs(self, items, ts, uid, pos, lengths, user_w, n_items, progress) -> sp.csr_matrix:
-        """Pairs (seq[p], seq[p+d]) for each offset d, vectorised over all users, summed into a sparse matrix."""
-        p: ItemCFParams = self.params
-        remaining = lengths[uid] - pos - 1  # later items in the same (capped) history
-        max_d = int(remaining.max()) if len(remaining) else 0
-        if p.window is not None:
-            max_d = min(max_d, p.window)
-        # small catalogs: a dense accumulator summed with bincount (scipy's coo→csr sorting dominates otherwise)
-        use_dense = n_items <= DENSE_MAX_ITEMS
-        dense: np.ndarray | None = None
-        co = sp.csr_matrix((n_items, n_items), dtype=np.float64)
-        buf_r: list[np.ndarray] = []
-        buf_c: list[np.ndarray] = []
-        buf_v: list[np.ndarray] = []
-        buffered = 0
-        self.n_pairs = 0
-
-        def flush() -> sp.csr_matrix:
-            nonlocal buffered, dense
-            if not buf_r:
-                return co
-            r, c, v = np.concatenate(buf_r), np.concatenate(buf_c), np.concatenate(buf_v)
-            buf_r.clear(), buf_c.clear(), buf_v.clear()
-            buffered = 0
-            if use_dense:
-                summed = np.bincount(r * n_items + c, weights=v, minlength=n_items * n_items)
-                if dense is None:
-                    dense = summed
-                else:
-                    dense += summed
-                return co
-            return co + sp.coo_matrix((v, (r, c)), shape=(n_items, n_items)).tocsr()
-
-        pos_w = user_w[uid]  # each position's user weight
-        active = np.flatnonzero(remaining >= 1)
-        for d in tqdm(range(1, max_d + 1), desc="itemcf pairs", disable=not progress, leave=False):
-            active = active[remaining[active] >= d]
-            a, b = active, active + d
-            i, j = items[a], items[b]
-            w = pos_w[a] * p.position_decay ** (d - 1)
-            if p.time_decay_s is not None:
-                w = w * np.exp(-np.abs(ts[b] - ts[a]).astype(np.float64) / p.time_decay_s)
-            buf_r.append(i), buf_c.append(j), buf_v.append(w)
-            self.n_pairs += 2 * len(a)
-            buffered += len(a)
-            if buffered >= PAIR_BUFFER:
-                co = flush()
-        co = flush()
-        if dense is not None:
-            co = sp.csr_matrix(dense.reshape(n_items, n_items))
-        # co holds forward pairs (i earlier, j later); the backward ones are its transpose
-        co = (p.forward_weight * co + p.backward_weight * co.T).tocsr()
-        co.eliminate_zeros()
-        return co
 
     def build_artifacts(self, data: TrainData) -> Artifacts:
         if self._artifacts is None:
             self.fit(data)
         return self._artifacts
+
+
+# -- the computation in row blocks: the local fit runs one block of every item, the Ray engine one task per block
+# (trainer/engine/ray_cooccurrence.py); a row's arithmetic is the same either way, so the lists are identical.
+
+@dataclass
+class ItemCFInputs:
+    """What every row block needs: the capped histories as positions, their weights and offsets, the flush plan."""
+
+    params: ItemCFParams
+    n_items: int
+    n_users: int
+    items: np.ndarray  # int64 per position (user-major, time order)
+    ts: np.ndarray
+    uid: np.ndarray
+    pos_w: np.ndarray  # float64: the position's user weight
+    remaining: np.ndarray  # int64: later positions in the same capped history
+    max_d: int  # largest offset paired
+    plain: bool  # all pairs with symmetric weights: one sparse product instead of the offset loop
+    flush_after: frozenset[int]  # offsets after which the pair buffer is summed (bounds memory, fixes the sum order)
+    counts: np.ndarray  # float64 interactions per item (capped)
+    category: np.ndarray | None  # primary category per item when the category weight is on
+    n_pairs: int
+
+
+def prepare(data: TrainData, p: ItemCFParams) -> ItemCFInputs:
+    """The capped histories and everything the row blocks share."""
+    items, ts, uid, pos, lengths = capped_histories(data, p.max_history)
+    n = data.n_items
+    user_w = 1.0 / np.log1p(np.maximum(lengths, 1)) if p.user_penalty else np.ones(len(lengths))
+    cat = data.item_category[0] if p.category_weight != 1.0 else None
+    longest = int(lengths.max()) if len(lengths) else 0
+    plain = (p.position_decay == 1.0 and p.time_decay_s is None and p.forward_weight == p.backward_weight
+             and (p.window is None or p.window >= longest - 1))
+    remaining = lengths[uid] - pos - 1
+    max_d = int(remaining.max()) if len(remaining) else 0
+    if p.window is not None:
+        max_d = min(max_d, p.window)
+    # pairs per offset d (positions with at least d later ones), and where the buffer of the pair loop flushes
+    per_d = np.cumsum(np.bincount(remaining[remaining >= 1], minlength=max_d + 1)[::-1])[::-1][1:max_d + 1] \
+        if max_d >= 1 else np.zeros(0, np.int64)
+    flush_after: set[int] = set()
+    buffered = 0
+    for d, m in enumerate(per_d.tolist(), start=1):
+        buffered += m
+        if buffered >= PAIR_BUFFER:
+            flush_after.add(d)
+            buffered = 0
+    if plain:
+        ln = np.bincount(uid, minlength=data.n_users)
+        n_pairs = int((ln * (ln - 1)).sum())
+    else:
+        n_pairs = int(2 * per_d.sum())
+    return ItemCFInputs(p, n, data.n_users, items, ts, uid, user_w[uid], remaining, max_d, plain,
+                        frozenset(flush_after), np.bincount(items, minlength=n).astype(np.float64), cat, n_pairs)
+
+
+def product_rows(prep: ItemCFInputs, lo: int, hi: int) -> sp.csr_matrix:
+    """Rows [lo, hi) of the symmetric co-occurrence Xᵀ·diag(w_u)·X (diagonal dropped), times the order weight; each
+    cell sums its users in ascending order, as the full product does."""
+    x = sp.csr_matrix((np.ones(len(prep.items)), (prep.uid, prep.items)), shape=(prep.n_users, prep.n_items))
+    user_w = np.zeros(prep.n_users)
+    user_w[prep.uid] = prep.pos_w
+    if lo == 0 and hi == prep.n_items:
+        co = (x.T @ sp.diags(user_w) @ x).tocsr()
+    else:
+        left = (x.T.tocsr()[lo:hi] @ sp.diags(user_w)).tocsr()
+        left.sort_indices()
+        co = (left @ x).tocsr()
+    co.setdiag(0, k=lo)  # row r is item lo + r
+    co.eliminate_zeros()
+    co.data *= prep.params.forward_weight
+    return co
+
+
+def pair_rows(prep: ItemCFInputs, lo: int, hi: int, progress: bool = False) -> sp.csr_matrix:
+    """Rows [lo, hi) of the forward co-occurrence: Σ of pair weights (seq[p], seq[p+d]) whose first item is in the
+    block, for each offset d, vectorised over all users; buffered pairs are summed at the offsets of the flush plan,
+    so every cell adds the same terms in the same order whatever the block."""
+    p = prep.params
+    n_items, n_rows = prep.n_items, hi - lo
+    items, ts, pos_w, remaining = prep.items, prep.ts, prep.pos_w, prep.remaining
+    # small catalogs: a dense accumulator summed with bincount (scipy's coo→csr sorting dominates otherwise)
+    use_dense = n_items <= DENSE_MAX_ITEMS
+    dense: np.ndarray | None = None
+    co = sp.csr_matrix((n_rows, n_items), dtype=np.float64)
+    buf_r: list[np.ndarray] = []
+    buf_c: list[np.ndarray] = []
+    buf_v: list[np.ndarray] = []
+
+    def flush() -> sp.csr_matrix:
+        nonlocal dense
+        if not buf_r:
+            return co
+        r, c, v = np.concatenate(buf_r), np.concatenate(buf_c), np.concatenate(buf_v)
+        buf_r.clear(), buf_c.clear(), buf_v.clear()
+        if use_dense:
+            summed = np.bincount(r * n_items + c, weights=v, minlength=n_rows * n_items)
+            if dense is None:
+                dense = summed
+            else:
+                dense += summed
+            return co
+        return co + sp.coo_matrix((v, (r, c)), shape=(n_rows, n_items)).tocsr()
+
+    active = np.flatnonzero(remaining >= 1)
+    if lo > 0 or hi < n_items:
+        active = active[(items[active] >= lo) & (items[active] < hi)]
+    for d in tqdm(range(1, prep.max_d + 1), desc="itemcf pairs", disable=not progress, leave=False):
+        active = active[remaining[active] >= d]
+        a, b = active, active + d
+        i, j = items[a] - lo, items[b]
+        w = pos_w[a] * p.position_decay ** (d - 1)
+        if p.time_decay_s is not None:
+            w = w * np.exp(-np.abs(ts[b] - ts[a]).astype(np.float64) / p.time_decay_s)
+        buf_r.append(i), buf_c.append(j), buf_v.append(w)
+        if d in prep.flush_after:
+            co = flush()
+    co = flush()
+    if dense is not None:
+        co = sp.csr_matrix(dense.reshape(n_rows, n_items))
+    return co
+
+
+def score_rows(co: sp.csr_matrix, lo: int, prep: ItemCFInputs) -> sp.csr_matrix:
+    """Rows [lo, lo + co.shape[0]) of the co-occurrence → similarities: same-category boost, then the hot-item
+    normalisation |N(i)|^(1−α)·|N(j)|^α."""
+    p = prep.params
+    co = co.tocsr()
+    co.sum_duplicates()
+    rows = np.repeat(np.arange(lo, lo + co.shape[0]), np.diff(co.indptr))
+    cat = prep.category
+    if cat is not None:
+        same = (cat[rows] == cat[co.indices]) & (cat[rows] >= 0)
+        co.data[same] *= p.category_weight
+    counts = prep.counts
+    with np.errstate(divide="ignore"):
+        co.data /= counts[rows] ** (1.0 - p.alpha) * counts[co.indices] ** p.alpha
+    return co

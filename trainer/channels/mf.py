@@ -2,7 +2,7 @@
 
 Emits u2i vectors (score = <user, item>) and i2i cosine neighbour lists built from the item factors
 (EmbeddingChannel builds both from what `fit` sets). See docs/channels.md ("MF") for the objectives and the
-tuned parameters.
+tuned parameters. Between nightlies, ALS folds the new events in (`incremental_fit`, docs/event_log.md).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from trainer.channels.embedding import EmbeddingChannel
 from trainer.data.train_data import TrainData
+from trainer.nn.warm_start import BaseVersion, pack_checkpoint, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +89,8 @@ class MF(EmbeddingChannel):
         log.info("mf[%s] fitted in %.2fs: %d users × %d items, %d factors", p.algorithm, self.metrics["fit_s"],
                  data.n_users, data.n_items, p.dim)
 
-    def _fit_als(self, data: TrainData, progress: bool) -> None:
-        from implicit.cpu.als import AlternatingLeastSquares
-
+    def _confidence(self, data: TrainData) -> sp.csr_matrix:
+        """users × items ALS confidence: alpha · (1 + recency boost) per interaction."""
         p: MFParams = self.params
         w = np.ones(len(data.user_idx), np.float64)
         if p.recency_boost > 0:
@@ -98,12 +98,21 @@ class MF(EmbeddingChannel):
         conf = sp.csr_matrix(((p.alpha * w).astype(np.float32), (data.user_idx, data.item_idx)),
                              shape=(data.n_users, data.n_items))
         conf.sum_duplicates()
+        return conf
+
+    def _als(self, iterations: int):  # noqa: ANN202 (implicit's class, imported lazily)
+        from implicit.cpu.als import AlternatingLeastSquares
+
+        p: MFParams = self.params
+        reg = DEFAULT_REG["als"] if p.reg is None else p.reg
+        return AlternatingLeastSquares(factors=p.dim, regularization=reg, alpha=1.0, iterations=iterations,
+                                       num_threads=p.num_threads, random_state=self.seed)
+
+    def _fit_als(self, data: TrainData, progress: bool) -> None:
+        conf = self._confidence(data)
         # PROTOCOL.md: the library's own OpenMP loops use the cores, BLAS is limited to one thread
         with threadpool_limits(1, "blas"):
-            reg = DEFAULT_REG["als"] if p.reg is None else p.reg
-            als = AlternatingLeastSquares(factors=p.dim, regularization=reg, alpha=1.0,
-                                          iterations=p.epochs, num_threads=p.num_threads,
-                                          random_state=self.seed)
+            als = self._als(self.params.epochs)
             als.fit(conf, show_progress=progress)
         self.factor_item = np.ascontiguousarray(als.item_factors, np.float32)
         self.item_vectors = self.factor_item.copy()
@@ -171,3 +180,63 @@ class MF(EmbeddingChannel):
     def predict(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Model score of (user, item) pairs: the inner product of their vectors (FunkSVD: the rating)."""
         return np.einsum("ij,ij->i", self.user_vectors[users], self.item_vectors[items])
+
+    # -- incremental updates between nightlies: the ALS fold-in (docs/event_log.md) -----------------------------
+    def training_checkpoint(self) -> bytes | None:
+        """ALS: the factors and which items had interactions (what a fold-in starts from); FunkSVD: none."""
+        if self.params.algorithm != "als" or getattr(self, "factor_item", None) is None:
+            return None
+        return pack_checkpoint({"user_factors": torch.as_tensor(self.user_vectors),
+                                "item_factors": torch.as_tensor(self.factor_item),
+                                "trained_items": torch.as_tensor(self.trained_items)},
+                               {"model": self.model, "n_users": int(len(self.user_vectors)),
+                                "n_items": int(len(self.factor_item)), "params": self.params.model_dump()})
+
+    def incremental_fit(self, data: TrainData, base: BaseVersion, rows: np.ndarray, progress: bool = False) -> dict:
+        """Fold the interactions at `rows` into the published ALS factors, every other factor fixed: the users with
+        new interactions are solved against the item factors, then the items without a factor yet (new, or never
+        clicked before) against the user factors, then those users once more with the new items in place (three
+        least-squares half-sweeps, implicit's partial_fit_users / partial_fit_items, on the whole rows with the
+        current recency weights). Untouched users' and old items' factors stay bit for bit; only the solved users'
+        vectors are recomputed. The i2i lists are rebuilt from the item factors (new items join them)."""
+        from trainer.incremental import NotIncremental
+
+        if self.params.algorithm != "als":
+            raise NotIncremental("FunkSVD has no fold-in: it stays on the nightly's version")
+        tensors, meta = read_checkpoint(base.checkpoint())
+        if meta.get("model") != self.model:
+            raise ValueError(f"checkpoint of model {meta.get('model')!r}, not {self.model!r}")
+        self.params = MFParams(**meta["params"])  # the published model, whatever the config says now
+        n_u0, n_i0 = int(meta["n_users"]), int(meta["n_items"])
+        if data.n_users < n_u0 or data.n_items < n_i0:
+            raise ValueError(f"the id maps shrank ({n_u0} users, {n_i0} items published; {data.n_users}, "
+                             f"{data.n_items} now): incremental updates need the append-only maps")
+        t0 = time.perf_counter()
+        user_f, item_f = tensors["user_factors"].numpy(), tensors["item_factors"].numpy()
+        had = np.r_[tensors["trained_items"].numpy().astype(bool), np.zeros(data.n_items - n_i0, bool)]
+        conf = self._confidence(data)
+        users = np.unique(data.user_idx[np.asarray(rows, np.int64)]).astype(np.int64)
+        items = np.flatnonzero(~had & (data.item_counts > 0))
+        als = self._als(1)
+        als.user_factors = np.vstack([user_f, np.zeros((data.n_users - n_u0, user_f.shape[1]), np.float32)])
+        als.item_factors = np.vstack([np.where(had[:n_i0, None], item_f, 0.0).astype(np.float32),
+                                      np.zeros((data.n_items - n_i0, item_f.shape[1]), np.float32)])
+        with threadpool_limits(1, "blas"):
+            if len(users):
+                als.partial_fit_users(users, conf[users])
+            if len(items):
+                als.partial_fit_items(items, conf.T.tocsr()[items])
+                again = np.unique(conf[:, items].tocoo().row)
+                again = np.intersect1d(again, users)
+                if len(again):
+                    als.partial_fit_users(again, conf[again])
+        self.factor_item = np.ascontiguousarray(als.item_factors, np.float32)
+        self.item_vectors = self.factor_item.copy()
+        self.user_vectors = np.ascontiguousarray(als.user_factors, np.float32)
+        self.trained_items = data.item_counts > 0
+        self.item_vectors[~self.trained_items] = 0.0
+        self.i2i_vectors, self.valid_items = self.factor_item, self.trained_items
+        self.metrics = {"fit_s": time.perf_counter() - t0}
+        self._artifacts = None
+        return {"examples": int(len(rows)), "new_users": data.n_users - n_u0, "new_items": data.n_items - n_i0,
+                "users_reencoded": int(len(users)), "items_reencoded": int(len(items)), "i2i": "rebuilt"}

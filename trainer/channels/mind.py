@@ -20,12 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from common.towers import export_tower, history_inputs, input_meta
 from common.towers.mind import MindTower
-from trainer.channels.embedding import EmbeddingChannel
+from trainer.channels.warm_tower import WarmTowerChannel
 from trainer.data.train_data import TrainData
 from trainer.nn.encoding import encode_attrs
 from trainer.nn.loop import Batch, LoopConfig, adam, seeded, train_loop
 from trainer.nn.losses import FULL_SOFTMAX_UP_TO, SampledSoftmax
 from trainer.nn.negatives import PowerSampler
+from trainer.nn.warm_start import RowTable, WarmState, encoding_meta, extend_codes, restore_encoding
 
 
 class MindParams(BaseModel):
@@ -62,7 +63,7 @@ class MindParams(BaseModel):
     num_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads while fitting")
 
 
-class MindChannel(EmbeddingChannel):
+class MindChannel(WarmTowerChannel):
     """MIND: K interest vectors per user from capsule routing, served by the request-time tower."""
 
     model = "mind"
@@ -118,13 +119,16 @@ class MindChannel(EmbeddingChannel):
         a = torch.softmax((self.params.attention_power * cos).masked_fill(~live, float("-inf")), dim=1)
         return torch.einsum("bk,bkd->bd", a, interests)
 
-    def _train(self, data: TrainData, rng: np.random.Generator) -> None:
+    def _train(self, data: TrainData, rng: np.random.Generator, warm: WarmState | None = None) -> None:
+        """Train on every interaction; or, with `warm` (an incremental update), once on `warm.examples` with the
+        carried optimiser and the tower as `warm` left it (frozen)."""
         p: MindParams = self.params
         n_ex = len(data.item_idx)
         self.losses: list[float] = []
+        tower = self.tower
+        self.optimizer = warm.optimizer if warm else adam(tower.parameters(), self.loop_config)
         if n_ex == 0:
             return
-        tower = self.tower
         loss_fn = SampledSoftmax(PowerSampler(data.item_counts, p.negatives_power), p.num_negatives, p.temperature,
                                  p.logq, p.full_softmax_up_to)
 
@@ -150,8 +154,9 @@ class MindChannel(EmbeddingChannel):
             user = self.label_aware(interests, live, item_vectors(pos))
             return loss_fn(user, pos, item_vectors, rng)
 
-        history = train_loop(batch_loss, np.arange(n_ex, dtype=np.int64), adam(tower.parameters(), self.loop_config),
-                             self.loop_config, rng, modules=[tower])  # eval mode when it returns
+        examples = warm.examples if warm else np.arange(n_ex, dtype=np.int64)
+        history = train_loop(batch_loss, examples, self.optimizer, self.loop_config, rng,
+                             modules=[] if warm else [tower])  # eval mode when it returns
         self.losses = history.losses
 
     def export_user_tower(self, data: TrainData) -> tuple[bytes, dict[str, Any]]:
@@ -178,3 +183,48 @@ class MindChannel(EmbeddingChannel):
     def encode_items(self, data: TrainData) -> np.ndarray:
         """float32 [n_items, d]: the L2-normalised pooled item embeddings (score = cos(interest, item))."""
         return F.normalize(self.tower.items(torch.arange(data.n_items)), dim=1).numpy().astype(np.float32)
+
+    # -- incremental updates between nightlies (docs/event_log.md; the mechanism: trainer/channels/warm_tower.py) --
+    def warm_modules(self) -> dict[str, torch.nn.Module]:
+        return {"tower": self.tower}
+
+    def warm_tables(self) -> list[RowTable]:
+        """The items' id rows (behaviours and item vectors alike) and side-information bags, the user rows."""
+        return [RowTable("tower.items.id_emb.weight", "item", history=True, item_vector=True),
+                RowTable("tower.items.attr_idx", "item", train=False),
+                RowTable("tower.user_emb.weight", "user", new="unknown"),
+                RowTable("tower.trained_user", "user", train=False, derived=True, marks_trained=True)]
+
+    def warm_extra(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The attribute codes and vocabularies of users and items."""
+        return {"user_attr_codes": torch.as_tensor(self.user_attr_codes),
+                "item_attr_codes": torch.as_tensor(self.item_enc.codes)}, {
+            "user_fields": encoding_meta(self.user_enc), "item_fields": encoding_meta(self.item_enc)}
+
+    def warm_prepare(self, data: TrainData, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        n_u0, n_i0 = int(meta["n_users"]), int(meta["n_items"])
+        self.user_attr_codes = extend_codes(tensors["user_attr_codes"].numpy(), n_u0, data.n_users, data.user_attrs,
+                                            meta["user_fields"], tail=1)
+        self.user_enc = restore_encoding(meta["user_fields"], self.user_attr_codes, data.n_users)
+        codes = extend_codes(tensors["item_attr_codes"].numpy(), n_i0, data.n_items, data.item_attrs,
+                             meta["item_fields"])
+        self.item_enc = restore_encoding(meta["item_fields"], codes, data.n_items)
+
+    def warm_build(self, data: TrainData, tensors: dict[str, torch.Tensor]) -> None:
+        self.tower = self.build_tower(data)
+
+    def warm_train(self, data: TrainData, rng: np.random.Generator, rows: np.ndarray, opt: torch.optim.Optimizer,
+                   tensors: dict[str, torch.Tensor]) -> list[float]:
+        self.loop_config = self.incremental_loop_config(self.progress)
+        self._train(data, rng, WarmState(rows, opt, None))
+        return self.losses
+
+    def encode_item_rows(self, data: TrainData, items: np.ndarray) -> np.ndarray:
+        return F.normalize(self.tower.items(torch.as_tensor(items, dtype=torch.int64)), dim=1).numpy()
+
+    def encode_user_rows(self, data: TrainData, users: np.ndarray) -> np.ndarray:
+        return self.encode_users(data, users)[0]
+
+    def set_vectors(self, item_vectors: np.ndarray, user_vectors: np.ndarray) -> None:
+        super().set_vectors(item_vectors, user_vectors)
+        self.interest_counts = (self.user_vectors != 0).any(axis=2).sum(axis=1).astype(np.int32)

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from common.towers import export_tower, history_inputs, input_meta
 from common.towers.multitask import Combine, MultiTaskUserTower, combine_vectors
-from trainer.channels.embedding import EmbeddingChannel
+from trainer.channels.warm_tower import WarmTowerChannel
 from trainer.data.events import LIKE, PURCHASE
 from trainer.data.train_data import TrainData
 from trainer.nn.encoding import AttrEncoding, encode_attrs
@@ -40,6 +40,15 @@ from trainer.nn.negatives import (
     relative_log_q,
 )
 from trainer.nn.towers import ItemTower
+from trainer.nn.warm_start import (
+    RowTable,
+    WarmState,
+    encoding_meta,
+    estimator_tensors,
+    extend_codes,
+    load_estimator,
+    restore_encoding,
+)
 
 Task = Literal["interacted", "liked", "purchased"]
 TASK_EVENTS: dict[str, tuple[int, ...] | None] = {"interacted": None, "liked": (LIKE,), "purchased": (PURCHASE,)}
@@ -163,6 +172,8 @@ class FittedMultiTask:
     task_losses: dict[str, list[float]] = field(default_factory=dict)
     train_s: float = 0.0
     estimators: dict[str, StreamingFrequencyEstimator] = field(default_factory=dict)  # the q_t each task used
+    item_enc: AttrEncoding | None = None
+    optimizer: torch.optim.Optimizer | None = None  # its Adam state goes into the training checkpoint
 
     def item_tower(self, t: int) -> ItemTower:
         return self.item_towers[t if len(self.item_towers) > 1 else 0]
@@ -196,7 +207,7 @@ def _store_fit(key: str, data: TrainData, channel: str, fitted: FittedMultiTask)
         _FITS.popitem(last=False)
 
 
-class MultiTaskTwoTowerChannel(EmbeddingChannel):
+class MultiTaskTwoTowerChannel(WarmTowerChannel):
     """Shared-bottom multi-task two-tower u2i channel; publishes one task head or a blend."""
 
     model = "multitask_two_tower"
@@ -261,14 +272,20 @@ class MultiTaskTwoTowerChannel(EmbeddingChannel):
         fitted.train_s = time.perf_counter() - t0
         return fitted
 
-    def _build(self, data: TrainData, tasks: list[str], positives: dict[str, int]) -> FittedMultiTask:
+    def _build(self, data: TrainData, tasks: list[str], positives: dict[str, int],
+               encodings: tuple[AttrEncoding, np.ndarray, AttrEncoding] | None = None) -> FittedMultiTask:
+        """Fresh modules for `data`; `encodings` (user encoding, user codes with the unknown row, item encoding)
+        replace the ones fitted on `data` (an incremental update's published ones)."""
         p: MultiTaskTwoTowerParams = self.params
-        user_enc = encode_attrs(data.user_attrs if p.use_user_attrs else None, data.n_users, multi_valued=False,
-                                max_numeric_values=2000)
-        item_enc = encode_attrs(data.item_attrs if p.use_item_attrs else None, data.n_items, multi_valued=True,
-                                categorical=(data.category_column or "",))
-        ua = user_enc.codes[:, :, 0] if user_enc.columns else np.zeros((data.n_users, 1), np.int64)
-        user_attr_codes = np.vstack([ua, np.zeros((1, ua.shape[1]), np.int64)])  # row n_users: unknown user
+        if encodings is not None:
+            user_enc, user_attr_codes, item_enc = encodings
+        else:
+            user_enc = encode_attrs(data.user_attrs if p.use_user_attrs else None, data.n_users, multi_valued=False,
+                                    max_numeric_values=2000)
+            item_enc = encode_attrs(data.item_attrs if p.use_item_attrs else None, data.n_items, multi_valued=True,
+                                    categorical=(data.category_column or "",))
+            ua = user_enc.codes[:, :, 0] if user_enc.columns else np.zeros((data.n_users, 1), np.int64)
+            user_attr_codes = np.vstack([ua, np.zeros((1, ua.shape[1]), np.int64)])  # row n_users: unknown user
         item_emb = torch.nn.Embedding(data.n_items + 1, p.emb_dim, padding_idx=data.n_items)
         torch.nn.init.normal_(item_emb.weight, std=0.05)
         with torch.no_grad():
@@ -282,7 +299,7 @@ class MultiTaskTwoTowerChannel(EmbeddingChannel):
         n_item_towers = len(tasks) if p.item_heads == "per_task" else 1
         items = [ItemTower(data.n_items, item_enc.codes, item_enc.sizes, p.emb_dim, p.dim, p.hidden, p.dropout,
                            p.senet, item_emb) for _ in range(n_item_towers)]
-        return FittedMultiTask(tasks, positives, user_enc, user_attr_codes, tower, items)
+        return FittedMultiTask(tasks, positives, user_enc, user_attr_codes, tower, items, item_enc=item_enc)
 
     def schemes(self, tasks: list[str]) -> list[str]:
         """Each task's negatives: in_batch, or mixed (in-batch + `num_negatives` drawn ∝ count^negatives_power over
@@ -293,7 +310,9 @@ class MultiTaskTwoTowerChannel(EmbeddingChannel):
         return [p.negatives] * len(tasks)
 
     def _loop(self, data: TrainData, fitted: FittedMultiTask, labels: np.ndarray, examples: np.ndarray,
-              cfg: LoopConfig, rng: np.random.Generator) -> None:
+              cfg: LoopConfig, rng: np.random.Generator, warm: WarmState | None = None) -> None:
+        """Train on `examples`; with `warm` (an incremental update) with its optimiser and per-task estimators
+        (`warm.estimator`, carried from the nightly) and the modules as `warm` left them (frozen)."""
         p: MultiTaskTwoTowerParams = self.params
         tasks, n_items, tower = fitted.tasks, data.n_items, fitted.user_tower
         weights = [p.loss_weights.get(t, 1.0 if t == "interacted" else DEFAULT_SUBTASK_WEIGHT) for t in tasks]
@@ -304,7 +323,10 @@ class MultiTaskTwoTowerChannel(EmbeddingChannel):
         new_est = lambda: StreamingFrequencyEstimator(p.freq_hash_size, p.freq_hashes, p.freq_alpha,  # noqa: E731
                                                       seed=self.seed)
         per_task = p.logq_per_task
-        estimators = [new_est() for _ in tasks] if per_task else [new_est()]
+        if warm is not None:
+            estimators = warm.estimator
+        else:
+            estimators = [new_est() for _ in tasks] if per_task else [new_est()]
         fitted.estimators = {t: estimators[j if per_task else 0] for j, t in enumerate(tasks)}
         exact = ([log_frequencies(np.bincount(data.item_idx[lab], minlength=n_items)) for lab in labels]
                  if per_task else [log_frequencies(data.item_counts)]) if p.logq_source == "exact" else None
@@ -371,9 +393,9 @@ class MultiTaskTwoTowerChannel(EmbeddingChannel):
             counts[:] = 0.0
             return out
 
-        params = unique_parameters(tower, *fitted.item_towers)
-        hist = train_loop(batch_loss, examples, adam(params, cfg), cfg, rng, on_epoch_end=on_epoch_end,
-                          modules=[tower, *fitted.item_towers])  # eval mode when it returns
+        fitted.optimizer = warm.optimizer if warm else adam(unique_parameters(tower, *fitted.item_towers), cfg)
+        hist = train_loop(batch_loss, examples, fitted.optimizer, cfg, rng, on_epoch_end=on_epoch_end,
+                          modules=[] if warm else [tower, *fitted.item_towers])  # eval mode when it returns
         fitted.losses = hist.losses
 
     def _user_inputs(self, data: TrainData, fitted: FittedMultiTask, users: np.ndarray, end: np.ndarray
@@ -403,15 +425,16 @@ class MultiTaskTwoTowerChannel(EmbeddingChannel):
                                                             enc.columns, enc.vocab))
 
     @torch.no_grad()
-    def task_item_vectors(self, data: TrainData) -> np.ndarray:
-        """float32 [n_towers, n_items, d]: the item vectors of each item tower (one when shared, else one per task)."""
+    def task_item_vectors(self, data: TrainData, items: np.ndarray | None = None) -> np.ndarray:
+        """float32 [n_towers, n_items, d]: the item vectors of each item tower (one when shared, else one per task);
+        of `items` only when given."""
         assert self.fitted is not None, "fit() first"
-        all_items = torch.arange(data.n_items, dtype=torch.int64)
-        return np.stack([t(all_items).numpy() for t in self.fitted.item_towers]).astype(np.float32)
+        ids = torch.arange(data.n_items, dtype=torch.int64) if items is None else torch.as_tensor(items, dtype=torch.int64)
+        return np.stack([t(ids).numpy() for t in self.fitted.item_towers]).astype(np.float32)
 
-    def encode_items(self, data: TrainData, weights: list[float]) -> np.ndarray:
+    def encode_items(self, data: TrainData, weights: list[float], items: np.ndarray | None = None) -> np.ndarray:
         """Published item vectors: the shared tower's (combine sum) or [√w_t·v_t] (combine concat)."""
-        vecs = self.task_item_vectors(data)
+        vecs = self.task_item_vectors(data, items)
         if self.combine == "sum":
             return vecs[0]
         return combine_vectors(torch.as_tensor(vecs).transpose(0, 1), weights, "concat").numpy()
@@ -430,3 +453,76 @@ class MultiTaskTwoTowerChannel(EmbeddingChannel):
         w = self.publish_weights(self.fitted) if weights is None else weights
         width = self.params.dim * (1 if self.combine == "sum" else sum(x > 0 for x in w))
         return np.zeros((0, width), np.float32)
+
+    # -- incremental updates between nightlies (docs/event_log.md; the mechanism: trainer/channels/warm_tower.py) --
+    # Each published channel (head or blend) updates its own copy of the model: two heads of one nightly fit
+    # diverge slightly until the next nightly.
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:  # type: ignore[override]
+        return self.fitted.optimizer if self.fitted is not None else None
+
+    @optimizer.setter
+    def optimizer(self, opt: torch.optim.Optimizer | None) -> None:
+        if self.fitted is not None:
+            self.fitted.optimizer = opt
+
+    def warm_modules(self) -> dict[str, torch.nn.Module]:
+        assert self.fitted is not None, "fit() first"
+        return {"user_tower": self.fitted.user_tower,
+                **{f"item_tower{j}": t for j, t in enumerate(self.fitted.item_towers)}}
+
+    def warm_tables(self) -> list[RowTable]:
+        """The user rows; the item rows, pooled by the user tower and read by every item tower (one shared table)."""
+        n = len(self.fitted.item_towers) if self.fitted is not None else 0
+        return [RowTable("user_tower.user_emb.weight", "user", new="unknown"),
+                RowTable("user_tower.trained_user", "user", train=False, derived=True, marks_trained=True),
+                RowTable("user_tower.item_emb.weight", "item", history=True),
+                *[RowTable(f"item_tower{j}.item_emb.weight", "item", item_vector=True) for j in range(n)]]
+
+    def warm_extra(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The attribute codes and vocabularies, the trained tasks and each task's logQ frequency estimator."""
+        f = self.fitted
+        tensors = {"user_attr_codes": torch.as_tensor(f.user_attr_codes),
+                   "item_attr_codes": torch.as_tensor(f.item_enc.codes)}
+        for t, est in f.estimators.items():
+            tensors.update({f"{t}.{k}": v for k, v in estimator_tensors(est).items()})
+        return tensors, {"tasks": f.tasks, "positives": f.positives, "user_fields": encoding_meta(f.user_enc),
+                         "item_fields": encoding_meta(f.item_enc)}
+
+    def warm_prepare(self, data: TrainData, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        n_u0, n_i0 = int(meta["n_users"]), int(meta["n_items"])
+        codes = extend_codes(tensors["user_attr_codes"].numpy(), n_u0, data.n_users, data.user_attrs,
+                             meta["user_fields"], tail=1)
+        items = extend_codes(tensors["item_attr_codes"].numpy(), n_i0, data.n_items, data.item_attrs,
+                             meta["item_fields"])
+        self._warm_encodings = (restore_encoding(meta["user_fields"], codes, data.n_users), codes,
+                                restore_encoding(meta["item_fields"], items, data.n_items))
+        self._warm_tasks = (list(meta["tasks"]), dict(meta["positives"]))
+
+    def warm_build(self, data: TrainData, tensors: dict[str, torch.Tensor]) -> None:
+        self.fitted = self._build(data, *self._warm_tasks, encodings=self._warm_encodings)
+        self.fitted.task_losses = {t: [] for t in self.fitted.tasks}
+
+    def warm_train(self, data: TrainData, rng: np.random.Generator, rows: np.ndarray, opt: torch.optim.Optimizer,
+                   tensors: dict[str, torch.Tensor]) -> list[float]:
+        p: MultiTaskTwoTowerParams = self.params
+        f = self.fitted
+        t0 = time.perf_counter()
+        labels = np.stack([task_labels(data, t) for t in f.tasks])
+        examples = rows[labels[:, rows].any(0)]
+        tasks = f.tasks if p.logq_per_task else f.tasks[:1]
+        estimators = [load_estimator(StreamingFrequencyEstimator(p.freq_hash_size, p.freq_hashes, p.freq_alpha,
+                                                                 seed=self.seed),
+                                     {k[len(t) + 1:]: v for k, v in tensors.items() if k.startswith(f"{t}.freq.")})
+                      for t in tasks]
+        if len(examples):
+            self._loop(data, f, labels, examples, self.incremental_loop_config(self.progress), rng,
+                       WarmState(examples, opt, estimators))
+        f.train_s = time.perf_counter() - t0
+        return f.losses
+
+    def encode_item_rows(self, data: TrainData, items: np.ndarray) -> np.ndarray:
+        return self.encode_items(data, self.publish_weights(self.fitted), items)
+
+    def encode_user_rows(self, data: TrainData, users: np.ndarray) -> np.ndarray:
+        return self.encode_users(data, users)

@@ -26,19 +26,36 @@ def cosine_neighbors(vectors: np.ndarray, k: int, valid: np.ndarray | None = Non
 
     Rows that are invalid or all-zero get no list (all -1); short rows are -1/0 padded.
     """
+    x, rows = normalised_rows(vectors, valid)
+    n = len(x)
+    nb = np.full((n, k), -1, np.int32)
+    sc = np.zeros((n, k), np.float32)
+    if len(rows) < 2 or k < 1:
+        return NeighborArtifact(nb, sc)
+    index = cosine_index(x, rows, k, exact_max_rows)
+    for s in tqdm(range(0, len(rows), SEARCH_BATCH), desc=desc, disable=not progress, leave=False):
+        q = rows[s:s + SEARCH_BATCH]
+        ids, dist = search_batch(index, x, rows, q, k)
+        m = ids.shape[1]
+        nb[q, :m], sc[q, :m] = ids, dist
+    return NeighborArtifact(nb, sc)
+
+
+def normalised_rows(vectors: np.ndarray, valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 copy with the valid non-zero rows L2-normalised, indices of those rows)."""
     x = np.array(vectors, dtype=np.float32, order="C", copy=True)
-    n, d = x.shape
     norms = np.linalg.norm(x, axis=1)
     ok = norms > 0
     if valid is not None:
         ok &= np.asarray(valid, bool)
     x[ok] /= norms[ok, None]
-    rows = np.flatnonzero(ok)
-    nb = np.full((n, k), -1, np.int32)
-    sc = np.zeros((n, k), np.float32)
-    if len(rows) < 2 or k < 1:
-        return NeighborArtifact(nb, sc)
+    return x, np.flatnonzero(ok)
+
+
+def cosine_index(x: np.ndarray, rows: np.ndarray, k: int, exact_max_rows: int = EXACT_MAX_ROWS) -> faiss.Index:
+    """The faiss index over `x[rows]` that `cosine_neighbors` searches: exact, or HNSW beyond `exact_max_rows`."""
     kk = min(k + 1, len(rows))
+    d = x.shape[1]
     if len(rows) > exact_max_rows:
         index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = 200
@@ -46,21 +63,23 @@ def cosine_neighbors(vectors: np.ndarray, k: int, valid: np.ndarray | None = Non
     else:
         index = faiss.IndexFlatIP(d)
     index.add(x[rows])
-    starts = range(0, len(rows), SEARCH_BATCH)
-    for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
-        q = rows[s:s + SEARCH_BATCH]
-        dist, loc = index.search(x[q], kk)
-        ids = np.where(loc >= 0, rows[np.clip(loc, 0, None)], -1)
-        drop = (ids == q[:, None]) | (ids < 0)
-        # stable: kept neighbours first in faiss order, then the dropped slots
-        order = np.argsort(drop, axis=1, kind="stable")[:, :k]
-        ids = np.take_along_axis(ids, order, axis=1)
-        dist = np.take_along_axis(dist, order, axis=1)
-        dropped = np.take_along_axis(drop, order, axis=1)
-        ids[dropped], dist[dropped] = -1, 0.0
-        m = ids.shape[1]
-        nb[q, :m], sc[q, :m] = ids, dist
-    return NeighborArtifact(nb, sc)
+    return index
+
+
+def search_batch(index: faiss.Index, x: np.ndarray, rows: np.ndarray, q: np.ndarray, k: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbours of the query rows `q` (self and padding dropped, faiss order kept): (ids, scores) [len(q), ≤ k]."""
+    kk = min(k + 1, len(rows))
+    dist, loc = index.search(x[q], kk)
+    ids = np.where(loc >= 0, rows[np.clip(loc, 0, None)], -1)
+    drop = (ids == q[:, None]) | (ids < 0)
+    # stable: kept neighbours first in faiss order, then the dropped slots
+    order = np.argsort(drop, axis=1, kind="stable")[:, :k]
+    ids = np.take_along_axis(ids, order, axis=1)
+    dist = np.take_along_axis(dist, order, axis=1)
+    dropped = np.take_along_axis(drop, order, axis=1)
+    ids[dropped], dist[dropped] = -1, 0.0
+    return ids, dist
 
 
 def sparse_top_k(mat: sp.csr_matrix, k: int, self_offset: int | None = 0, progress: bool = False,

@@ -21,11 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from common.towers import export_tower, history_inputs, input_meta
 from common.towers.neural_cf import NeuMFTower
 from common.towers.rescore import rescore_meta
-from trainer.channels.embedding import EmbeddingChannel
+from trainer.channels.warm_tower import WarmTowerChannel
 from trainer.data.train_data import TrainData
 from trainer.nn.loop import Batch, LoopConfig, adam, seeded, train_loop
 from trainer.nn.losses import bce_loss
 from trainer.nn.negatives import PowerSampler
+from trainer.nn.warm_start import RowTable, WarmState
 
 NO_BRUTEFORCE_LIMIT = 2**62  # the MLP-only variant has no indexable part: always scored whole
 
@@ -63,7 +64,7 @@ class NeuralCFParams(BaseModel):
     num_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads while fitting")
 
 
-class NeuralCFChannel(EmbeddingChannel):
+class NeuralCFChannel(WarmTowerChannel):
     """NeuMF u2i channel: GMF first stage by faiss, NeuMF rescoring (see the module docstring)."""
 
     model = "neural_cf"
@@ -124,19 +125,27 @@ class NeuralCFChannel(EmbeddingChannel):
                 self.user_vectors = self.encode_users(data)
 
     def _train(self, net: NeuMFTower, data: TrainData, rng: np.random.Generator, epochs: int, optimizer: str,
-               lr: float, progress: bool) -> list[float]:
+               lr: float, progress: bool, warm: WarmState | None = None) -> list[float]:
         """Pointwise BCE: each positive (u, i_t), its user side seeing only the items before t, against
-        `num_negatives` sampled items (label 0), every pair one term (1:K, balance=False as in the paper)."""
+        `num_negatives` sampled items (label 0), every pair one term (1:K, balance=False as in the paper). With
+        `warm` (an incremental update): the positives `warm.examples`, the carried optimiser, `net` as `warm` left
+        it (frozen)."""
         p: NeuralCFParams = self.params
         n_ex = len(data.item_idx)
-        if n_ex == 0:
-            return []
+        sparse = sum(e.weight.numel() for e in net.embeddings()) > p.sparse_above
         cfg = LoopConfig(epochs=epochs, batch_size=p.batch_size, lr=lr, seed=self.seed, num_threads=p.num_threads,
                          min_batch=1, progress=progress, desc=f"neural_cf {'+'.join(self._parts(net))}")
+        if warm is not None:
+            net.set_sparse(sparse)  # the row-sparse LazyAdam takes sparse gradients as they come
+            opt = [warm.optimizer]
+        else:
+            opt = optimizers(net, optimizer, cfg, sparse)
+        self.optimizer = warm.optimizer if warm is not None else opt
+        if n_ex == 0:
+            return []
         sampler = PowerSampler(data.item_counts, p.negatives_power if p.negatives == "popularity" else 0.0)
         observed = np.unique(data.user_idx.astype(np.int64) * data.n_items + data.item_idx) if p.exclude_observed \
             else None
-        opt = optimizers(net, optimizer, cfg, sum(e.weight.numel() for e in net.embeddings()) > p.sparse_above)
         k = p.num_negatives
 
         def batch_loss(b: Batch) -> torch.Tensor:
@@ -153,7 +162,8 @@ class NeuralCFChannel(EmbeddingChannel):
                 loss = loss + p.reg * embedding_l2(net, uid, rec, torch.as_tensor(items))
             return loss
 
-        return train_loop(batch_loss, np.arange(n_ex, dtype=np.int64), opt, cfg, rng, modules=[net]).losses
+        examples = warm.examples if warm else np.arange(n_ex, dtype=np.int64)
+        return train_loop(batch_loss, examples, opt, cfg, rng, modules=[] if warm else [net]).losses
 
     @staticmethod
     def _parts(net: NeuMFTower) -> list[str]:
@@ -177,6 +187,46 @@ class NeuralCFChannel(EmbeddingChannel):
         elif p.variant == "neumf" and p.rescore_n > 0:
             meta.update(rescore_meta(p.rescore_n, p.max_catalog_bruteforce))
         return blob, meta
+
+    # -- incremental updates between nightlies (docs/event_log.md; the mechanism: trainer/channels/warm_tower.py) --
+    def warm_modules(self) -> dict[str, torch.nn.Module]:
+        return {"net": self.net}
+
+    def warm_tables(self) -> list[RowTable]:
+        """GMF and MLP rows of users and items, the history embeddings, the catalogue (items with a click)."""
+        return [RowTable("net.gmf_user.weight", "user", new="unknown"),
+                RowTable("net.mlp_user.weight", "user", new="unknown"),
+                RowTable("net.trained_user", "user", train=False, derived=True, marks_trained=True),
+                RowTable("net.gmf_item.weight", "item", item_vector=True),
+                RowTable("net.mlp_item.weight", "item"),  # the rescorer's, published with the tower
+                RowTable("net.gmf_hist.weight", "item", history=True),
+                RowTable("net.mlp_hist.weight", "item", history=True),
+                RowTable("net.catalog", "item", tail=0, train=False, derived=True, item_vector=True)]
+
+    def warm_lr(self) -> float:
+        """The step size of the last phase the nightly trained (NeuMF fine-tuning after pre-training)."""
+        p: NeuralCFParams = self.params
+        return float(p.finetune_lr or p.lr) if p.variant == "neumf" and p.pretrain else float(p.lr)
+
+    def warm_prepare(self, data: TrainData, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self.losses = {}
+
+    def warm_build(self, data: TrainData, tensors: dict[str, torch.Tensor]) -> None:
+        p: NeuralCFParams = self.params
+        self.net = self.new_model(data, gmf=p.variant != "mlp", mlp=p.variant != "gmf")
+
+    def warm_train(self, data: TrainData, rng: np.random.Generator, rows: np.ndarray, opt: torch.optim.Optimizer,
+                   tensors: dict[str, torch.Tensor]) -> list[float]:
+        self.losses["incremental"] = self._train(self.net, data, rng, 1, "adam", self.warm_lr(), self.progress,
+                                                 WarmState(rows, opt, None))
+        self.net.set_sparse(False)
+        return self.losses["incremental"]
+
+    def encode_item_rows(self, data: TrainData, items: np.ndarray) -> np.ndarray:
+        return self.net.item_vectors().numpy()[items]
+
+    def encode_user_rows(self, data: TrainData, users: np.ndarray) -> np.ndarray:
+        return self.encode_users(data, users)
 
 
 def pointwise_examples(data: TrainData, rows: np.ndarray, k: int, sampler: PowerSampler, observed: np.ndarray | None,

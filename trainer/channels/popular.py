@@ -54,6 +54,11 @@ class Popular(Channel):
                     lists[f"cat:{name}"] = (ids, sc)
         self._artifacts = {"list": ListArtifact(lists)}
 
+    def incremental_fit(self, data: TrainData, base, rows: np.ndarray, progress: bool = False) -> dict:  # noqa: ANN001
+        """Between nightlies the lists are simply recounted on the data with the new events (a few bincounts)."""
+        self.fit(data, progress)
+        return {"examples": int(len(rows)), "recounted": True}
+
     def build_artifacts(self, data: TrainData) -> Artifacts:
         if self._artifacts is None:
             self.fit(data)

@@ -20,13 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from common.towers import export_tower, history_inputs, input_meta, recent_matrix
 from common.towers.sdm import SDMTower
-from trainer.channels.embedding import EmbeddingChannel
+from trainer.channels.warm_tower import WarmTowerChannel
 from trainer.data.sessions import session_bounds, split_sessions
 from trainer.data.train_data import TrainData
 from trainer.nn.encoding import encode_attrs
 from trainer.nn.loop import Batch, LoopConfig, adam, seeded, train_loop, unique_parameters
 from trainer.nn.losses import FULL_SOFTMAX_UP_TO, SampledSoftmax
 from trainer.nn.negatives import PowerSampler
+from trainer.nn.warm_start import RowTable, WarmState, encoding_meta, extend_codes, restore_encoding
 
 SIDE_FIELDS = ("category", "brand", "market")
 
@@ -105,7 +106,23 @@ def windows(data: TrainData, short_n: int, gap_s: int | None, rng: np.random.Gen
     return start[keep], length[keep]
 
 
-class SDMChannel(EmbeddingChannel):
+def windows_before(data: TrainData, rows: np.ndarray, short_n: int, gap_s: int | None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(start, length) of the window of ≤ `short_n` items (within the session, with `gap_s`) just before each
+    interaction at `rows` that has an earlier one of its user (an incremental update's examples)."""
+    rows = np.asarray(rows, np.int64)
+    user = data.user_idx[rows].astype(np.int64)
+    first = data.user_ptr[user]
+    if gap_s is not None and len(rows):
+        seg = split_sessions(data.user_idx, data.ts, gap_s)
+        seg_first, _ = session_bounds(seg)
+        first = np.maximum(first, seg_first[seg[np.maximum(rows - 1, 0)]])
+    keep = rows > data.user_ptr[user]
+    start = np.maximum(first, rows - short_n)[keep]
+    return start, rows[keep] - start
+
+
+class SDMChannel(WarmTowerChannel):
     """SDM u2i channel: the served tower is `common.towers.sdm.SDMTower`."""
 
     model = "sdm"
@@ -120,6 +137,7 @@ class SDMChannel(EmbeddingChannel):
         ua = self.user_enc.codes[:, :, 0] if self.user_enc.columns else np.zeros((data.n_users, 1), np.int64)
         self.user_attr_codes = np.vstack([ua, np.zeros((1, ua.shape[1]), np.int64)])  # row n_users: unknown
         self.side_fields: list[str] = []
+        self.side_names: list[list[str]] = []
         codes, sizes = [], []
         for f in p.side_fields:
             c = data.item_field(f)
@@ -127,6 +145,7 @@ class SDMChannel(EmbeddingChannel):
             if c is None or not names or not (c >= 0).any():
                 continue
             self.side_fields.append(f)
+            self.side_names.append(names)
             codes.append(np.where(c >= 0, c, len(names)).astype(np.int64))  # unknown → the field's size
             sizes.append(len(names))
         self.side_sizes = sizes
@@ -180,23 +199,39 @@ class SDMChannel(EmbeddingChannel):
             self.item_vectors = self.encode_items(data).astype(np.float32)
             self.user_vectors = self.encode_users(data).astype(np.float32)
 
-    def _train(self, data: TrainData, rng: np.random.Generator) -> None:
+    def _train(self, data: TrainData, rng: np.random.Generator, warm: WarmState | None = None) -> None:
+        """Train on every user's windows; or, with `warm` (an incremental update), once on the windows that end just
+        before each new interaction in `warm.examples`, only those interactions as targets, with the carried
+        optimiser and the modules as `warm` left them (frozen)."""
         p: SDMParams = self.params
         self.losses: list[float] = []
+        self.optimizer = warm.optimizer if warm else adam(unique_parameters(self.tower, self.out_emb),
+                                                          self.loop_config)
         if len(data.item_idx) < 2:
             return
+        # the sampler's counts (its log q) are those of every interaction so far, new events included
         softmax = SampledSoftmax(PowerSampler(data.item_counts, p.negatives_power), p.num_negatives, p.temperature,
                                  p.logq, p.full_softmax_up_to)
-        opt = adam(unique_parameters(self.tower, self.out_emb), self.loop_config)
+        opt = self.optimizer
         epoch_windows: dict[str, np.ndarray] = {}
+        target_ok = None
+        if warm is not None:
+            epoch_windows["start"], epoch_windows["length"] = windows_before(data, warm.examples, p.short_n,
+                                                                             p.session_gap_s)
+            target_ok = np.zeros(len(data.item_idx) + 1, bool)
+            target_ok[warm.examples] = True
 
         def examples(r: np.random.Generator) -> np.ndarray:
-            epoch_windows["start"], epoch_windows["length"] = windows(data, p.short_n, p.session_gap_s, r)
+            if warm is None:
+                epoch_windows["start"], epoch_windows["length"] = windows(data, p.short_n, p.session_gap_s, r)
             return np.arange(len(epoch_windows["start"]))
 
         def batch_loss(b: Batch) -> torch.Tensor:
             start, length = epoch_windows["start"][b.rows], epoch_windows["length"][b.rows]
             uid, attrs, short, long, target = self.window_inputs(data, start, length)
+            if target_ok is not None:  # only the new interactions are targets
+                nxt = start[:, None] + np.arange(1, p.short_n + 1)[None, :]
+                target[~torch.as_tensor(target_ok[np.minimum(nxt, len(target_ok) - 1)])] = -1
             if p.user_id_dropout > 0:
                 drop = torch.as_tensor(rng.random(len(uid)) < p.user_id_dropout)
                 uid = torch.where(drop, torch.full_like(uid, data.n_users), uid)
@@ -204,7 +239,8 @@ class SDMChannel(EmbeddingChannel):
             has = target >= 0
             return softmax(self.tower.output(o[has]), target[has], self.item_vectors_of, rng)
 
-        history = train_loop(batch_loss, examples, opt, self.loop_config, rng, modules=[self.tower, self.out_emb])
+        history = train_loop(batch_loss, examples, opt, self.loop_config, rng,
+                             modules=[] if warm else [self.tower, self.out_emb])
         self.losses = history.losses
 
     # -- export -----------------------------------------------------------------------------------
@@ -230,3 +266,55 @@ class SDMChannel(EmbeddingChannel):
     @torch.no_grad()
     def encode_items(self, data: TrainData) -> np.ndarray:
         return self.item_vectors_of(torch.arange(data.n_items, dtype=torch.int64)).numpy()
+
+    # -- incremental updates between nightlies (docs/event_log.md; the mechanism: trainer/channels/warm_tower.py) --
+    def warm_modules(self) -> dict[str, torch.nn.Module]:
+        return {"tower": self.tower, "out_emb": self.out_emb}
+
+    def warm_tables(self) -> list[RowTable]:
+        """The input item embeddings (short- and long-term behaviours) and side codes, the output item embeddings,
+        the user rows."""
+        return [RowTable("tower.item_emb.weight", "item", history=True),
+                RowTable("tower.item_codes", "item", train=False),
+                RowTable("out_emb.weight", "item", tail=0, item_vector=True),
+                RowTable("tower.user_emb.weight", "user", new="unknown"),
+                RowTable("tower.trained_user", "user", train=False, derived=True, marks_trained=True)]
+
+    def warm_extra(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The user attribute codes and vocabularies, the side fields' value names."""
+        return {"user_attr_codes": torch.as_tensor(self.user_attr_codes)}, {
+            "user_fields": encoding_meta(self.user_enc), "side_fields": self.side_fields,
+            "side_names": self.side_names}
+
+    def warm_prepare(self, data: TrainData, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        n_u0, n_i0 = int(meta["n_users"]), int(meta["n_items"])
+        self.user_attr_codes = extend_codes(tensors["user_attr_codes"].numpy(), n_u0, data.n_users, data.user_attrs,
+                                            meta["user_fields"], tail=1)
+        self.user_enc = restore_encoding(meta["user_fields"], self.user_attr_codes, data.n_users)
+        self.side_fields, self.side_names = meta["side_fields"], meta["side_names"]
+        self.side_sizes = [len(n) for n in self.side_names]
+        old = tensors["tower.item_codes"].numpy()[:n_i0]
+        new = np.tile(np.asarray(self.side_sizes, np.int64), (data.n_items - n_i0, 1))  # unknown
+        for j, f in enumerate(self.side_fields):
+            c, names = data.item_field(f), data.item_field_names(f)
+            if c is None or not len(new):
+                continue
+            index = {name: k for k, name in enumerate(self.side_names[j])}  # a new value: unknown until the nightly
+            new[:, j] = [index.get(names[x], self.side_sizes[j]) if x >= 0 else self.side_sizes[j]
+                         for x in c[n_i0:]]
+        self.item_codes = np.concatenate([old, new]).reshape(data.n_items, len(self.side_fields))
+
+    def warm_build(self, data: TrainData, tensors: dict[str, torch.Tensor]) -> None:
+        self._build_model(data)
+
+    def warm_train(self, data: TrainData, rng: np.random.Generator, rows: np.ndarray, opt: torch.optim.Optimizer,
+                   tensors: dict[str, torch.Tensor]) -> list[float]:
+        self.loop_config = self.incremental_loop_config(self.progress, min_batch=1)
+        self._train(data, rng, WarmState(rows, opt, None))
+        return self.losses
+
+    def encode_item_rows(self, data: TrainData, items: np.ndarray) -> np.ndarray:
+        return self.item_vectors_of(torch.as_tensor(items, dtype=torch.int64)).numpy()
+
+    def encode_user_rows(self, data: TrainData, users: np.ndarray) -> np.ndarray:
+        return self.encode_users(data, users)

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from common.towers import export_tower, history_inputs, input_meta
 from common.towers.two_tower_user import UserTower
-from trainer.channels.embedding import EmbeddingChannel
+from trainer.channels.warm_tower import WarmTowerChannel
 from trainer.data.train_data import TrainData
 from trainer.nn.encoding import encode_attrs
 from trainer.nn.loop import Batch, LoopConfig, adam, seeded, train_loop, unique_parameters
@@ -35,6 +35,15 @@ from trainer.nn.negatives import (
     relative_log_q,
 )
 from trainer.nn.towers import ItemTower
+from trainer.nn.warm_start import (
+    RowTable,
+    WarmState,
+    encoding_meta,
+    estimator_tensors,
+    extend_codes,
+    load_estimator,
+    restore_encoding,
+)
 
 
 class TwoTowerParams(BaseModel):
@@ -84,7 +93,7 @@ class TwoTowerParams(BaseModel):
         return self
 
 
-class TwoTowerChannel(EmbeddingChannel):
+class TwoTowerChannel(WarmTowerChannel):
     """DSSM-style two-tower u2i channel."""
 
     model = "two_tower"
@@ -145,27 +154,37 @@ class TwoTowerChannel(EmbeddingChannel):
             self.item_vectors = self.encode_items(data).astype(np.float32)
             self.user_vectors = self.encode_users(data).astype(np.float32)
 
-    def _train(self, data: TrainData, rng: np.random.Generator) -> None:
+    def _train(self, data: TrainData, rng: np.random.Generator, warm: WarmState | None = None) -> None:
+        """Train on every interaction; or, with `warm` (an incremental update), on `warm.examples` only, with the
+        carried optimiser and frequency estimator and the modules as `warm` left them (frozen, eval mode)."""
         p: TwoTowerParams = self.params
         n_ex, n_items = len(data.item_idx), data.n_items
         self.losses: list[float] = []
-        if n_ex == 0:
+        estimator = warm.estimator if warm else StreamingFrequencyEstimator(p.freq_hash_size, p.freq_hashes,
+                                                                            p.freq_alpha, seed=self.seed)
+        if warm is None:
+            params = unique_parameters(self.user_tower, self.item_tower) + ([self.bias] if p.loss == "pointwise" else [])
+            opt = adam(params, self.loop_config)
+        else:
+            opt = warm.optimizer
+        self.optimizer, self.estimator = opt, estimator  # the state an incremental update carries on
+        if n_ex == 0 or (warm is not None and len(warm.examples) == 0):
             return
         sampler = PowerSampler(data.item_counts, 0.75)
         exact = log_frequencies(data.item_counts) if p.logq_source == "exact" else None
-        estimator = StreamingFrequencyEstimator(p.freq_hash_size, p.freq_hashes, p.freq_alpha, seed=self.seed)
         keep = keep_probability(data.item_counts, p.pos_subsample)
         positions = np.arange(n_ex, dtype=np.int64)
         examples = (lambda r: positions[r.random(n_ex) < keep[data.item_idx]]) if p.pos_subsample > 0 else positions
-        params = unique_parameters(self.user_tower, self.item_tower) + ([self.bias] if p.loss == "pointwise" else [])
-        opt = adam(params, self.loop_config)
+        if warm is not None:
+            examples = warm.examples
         all_items = torch.arange(n_items, dtype=torch.int64)
         miner = HardNegativeMiner(p.hard_from, p.hard_to, p.hard_refresh)
 
         def encode_all() -> torch.Tensor:
+            was_training = self.item_tower.training
             self.item_tower.eval()
             out = self.item_tower(all_items)
-            self.item_tower.train()
+            self.item_tower.train(was_training)
             return out
 
         def batch_loss(b: Batch) -> torch.Tensor:
@@ -202,8 +221,8 @@ class TwoTowerChannel(EmbeddingChannel):
                 valid = torch.cat([valid, row != pos.unsqueeze(1)], dim=1)
             return ranking_loss(pos_logit, neg, valid, p.loss, p.temperature, p.margin, self.bias)
 
-        history = train_loop(batch_loss, examples, opt, self.loop_config, rng,
-                             modules=[self.user_tower, self.item_tower])  # eval mode when it returns
+        modules = [] if warm is not None else [self.user_tower, self.item_tower]  # eval mode when it returns
+        history = train_loop(batch_loss, examples, opt, self.loop_config, rng, modules=modules)
         self.losses = history.losses
 
     # -- export -----------------------------------------------------------------------------------
@@ -225,3 +244,53 @@ class TwoTowerChannel(EmbeddingChannel):
     @torch.no_grad()
     def encode_items(self, data: TrainData) -> np.ndarray:
         return self.item_tower(torch.arange(data.n_items, dtype=torch.int64)).numpy()
+
+    # -- incremental updates between nightlies (docs/event_log.md; the mechanism: trainer/channels/warm_tower.py) --
+    def warm_modules(self) -> dict[str, torch.nn.Module]:
+        return {"user_tower": self.user_tower, "item_tower": self.item_tower}
+
+    def warm_tables(self) -> list[RowTable]:
+        """Users' rows (a first-time user starts from the unknown-user row); the items' rows, read by the item tower
+        and pooled over the recent items by the user tower (one table twice when shared)."""
+        return [RowTable("user_tower.user_emb.weight", "user", new="unknown"),
+                RowTable("user_tower.trained_user", "user", train=False, derived=True, marks_trained=True),
+                RowTable("user_tower.item_emb.weight", "item", history=True),
+                RowTable("item_tower.item_emb.weight", "item", item_vector=True)]
+
+    def warm_extra(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The pointwise bias, the logQ frequency estimator, the attribute codes and vocabularies."""
+        tensors = {"bias": self.bias.detach(), "user_attr_codes": torch.as_tensor(self.user_attr_codes),
+                   "item_attr_codes": torch.as_tensor(self.item_enc.codes), **estimator_tensors(self.estimator)}
+        return tensors, {"user_fields": encoding_meta(self.user_enc), "item_fields": encoding_meta(self.item_enc)}
+
+    def warm_prepare(self, data: TrainData, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        n_u0, n_i0 = int(meta["n_users"]), int(meta["n_items"])
+        self.user_attr_codes = extend_codes(tensors["user_attr_codes"].numpy(), n_u0, data.n_users, data.user_attrs,
+                                            meta["user_fields"], tail=1)
+        self.user_enc = restore_encoding(meta["user_fields"], self.user_attr_codes, data.n_users)
+        codes = extend_codes(tensors["item_attr_codes"].numpy(), n_i0, data.n_items, data.item_attrs,
+                             meta["item_fields"])
+        self.item_enc = restore_encoding(meta["item_fields"], codes, data.n_items)
+
+    def warm_build(self, data: TrainData, tensors: dict[str, torch.Tensor]) -> None:
+        self._build_model(data)
+        self.bias = torch.nn.Parameter(tensors["bias"].clone(), requires_grad=False)
+
+    def warm_train(self, data: TrainData, rng: np.random.Generator, rows: np.ndarray, opt: torch.optim.Optimizer,
+                   tensors: dict[str, torch.Tensor]) -> list[float]:
+        p: TwoTowerParams = self.params
+        self.loop_config = self.incremental_loop_config(self.progress)
+        estimator = load_estimator(StreamingFrequencyEstimator(p.freq_hash_size, p.freq_hashes, p.freq_alpha,
+                                                               seed=self.seed), tensors)
+        self._train(data, rng, WarmState(rows, opt, estimator))
+        return self.losses
+
+    def encode_item_rows(self, data: TrainData, items: np.ndarray) -> np.ndarray:
+        return self._encode_items(items)
+
+    def encode_user_rows(self, data: TrainData, users: np.ndarray) -> np.ndarray:
+        return self.encode_users(data, users)
+
+    @torch.no_grad()
+    def _encode_items(self, items: np.ndarray) -> np.ndarray:
+        return self.item_tower(torch.as_tensor(items, dtype=torch.int64)).numpy()

@@ -3,6 +3,7 @@ same-region boost (see docs/channels.md for the formula)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -61,46 +62,80 @@ class UserCF(Channel):
 
     def fit(self, data: TrainData, progress: bool = False) -> None:
         p: UserCFParams = self.params
-        items, _, uid, _, lengths = capped_histories(data, p.max_history)
-        n_users, n_items = data.n_users, data.n_items
-        item_counts = np.bincount(items, minlength=n_items)
-        item_w = 1.0 / np.log1p(np.maximum(item_counts, 1)) if p.item_penalty else np.ones(n_items)
-        x = sp.csr_matrix((np.ones(len(items)), (uid, items)), shape=(n_users, n_items))
-        xt_w = (x @ sp.diags(item_w)).T.tocsr()  # items × users, weighted
-        if p.normalization == "power":
-            row_norm = lengths.astype(np.float64) ** p.beta
-            col_norm = lengths.astype(np.float64) ** (1.0 - p.beta)
-        else:
-            mass = np.asarray(x @ item_w).ravel()
-            row_norm = col_norm = np.sqrt(mass)
-        region = user_regions(data) if p.region_weight != 1.0 else None
-        # chunks of users whose products Σ_{i∈N(u)} |N(i)| (≥ the chunk result's non-zeros) fit the budget
-        work = np.cumsum(np.asarray(x @ item_counts.astype(np.float64)).ravel())
-        bounds = [0]
-        while bounds[-1] < n_users:
-            start = bounds[-1]
-            done = work[start - 1] if start else 0.0
-            stop = int(np.searchsorted(work, done + CHUNK_BUDGET, side="right"))
-            bounds.append(min(n_users, max(stop, start + 1)))
-        ids = np.full((n_users, p.top_k), -1, np.int32)
-        scores = np.zeros((n_users, p.top_k), np.float32)
+        prep = prepare(data, p)
+        ids = np.full((data.n_users, p.top_k), -1, np.int32)
+        scores = np.zeros((data.n_users, p.top_k), np.float32)
         nnz = 0
-        for start, stop in tqdm(list(zip(bounds[:-1], bounds[1:], strict=True)), desc="usercf similarity",
-                                disable=not progress, leave=False):
-            s = (x[start:stop] @ xt_w).tocsr()
-            s.sum_duplicates()
-            rows = np.repeat(np.arange(start, stop), np.diff(s.indptr))
-            with np.errstate(divide="ignore", invalid="ignore"):
-                s.data /= row_norm[rows] * col_norm[s.indices]
-            if region is not None:
-                same = (region[rows] == region[s.indices]) & (region[rows] >= 0)
-                s.data[same] *= p.region_weight
-            nnz += s.nnz
-            ids[start:stop], scores[start:stop] = sparse_top_k(s, p.top_k, self_offset=start)
-        self.stats = {"interactions_used": int(len(items)), "nnz": int(nnz)}
+        for start, stop in tqdm(chunk_bounds(prep), desc="usercf similarity", disable=not progress, leave=False):
+            ids[start:stop], scores[start:stop], n = similarity_rows(prep, start, stop)
+            nnz += n
+        self.stats = {"interactions_used": prep.interactions_used, "nnz": int(nnz)}
         self._artifacts = {"u2u": NeighborArtifact(ids, scores)}
 
     def build_artifacts(self, data: TrainData) -> Artifacts:
         if self._artifacts is None:
             self.fit(data)
         return self._artifacts
+
+
+# -- the computation in chunks of users: the local fit loops over them, the Ray engine runs them as tasks
+# (trainer/engine/ray_cooccurrence.py); a user's row depends on nothing else, so the lists are identical.
+
+@dataclass
+class UserCFInputs:
+    """What every chunk of users needs: the capped user × item matrix, its weighted transpose, the norms."""
+
+    params: UserCFParams
+    x: sp.csr_matrix  # users × items, capped histories
+    xt_w: sp.csr_matrix  # items × users, weighted by the item penalty
+    row_norm: np.ndarray
+    col_norm: np.ndarray
+    region: np.ndarray | None
+    work: np.ndarray  # cumulative Σ_{i∈N(u)} |N(i)| over users (≥ a chunk result's non-zeros)
+    interactions_used: int
+
+
+def prepare(data: TrainData, p: UserCFParams) -> UserCFInputs:
+    """The capped histories as matrices, and what the similarity of any chunk of users needs."""
+    items, _, uid, _, lengths = capped_histories(data, p.max_history)
+    n_users, n_items = data.n_users, data.n_items
+    item_counts = np.bincount(items, minlength=n_items)
+    item_w = 1.0 / np.log1p(np.maximum(item_counts, 1)) if p.item_penalty else np.ones(n_items)
+    x = sp.csr_matrix((np.ones(len(items)), (uid, items)), shape=(n_users, n_items))
+    xt_w = (x @ sp.diags(item_w)).T.tocsr()  # items × users, weighted
+    if p.normalization == "power":
+        row_norm = lengths.astype(np.float64) ** p.beta
+        col_norm = lengths.astype(np.float64) ** (1.0 - p.beta)
+    else:
+        mass = np.asarray(x @ item_w).ravel()
+        row_norm = col_norm = np.sqrt(mass)
+    region = user_regions(data) if p.region_weight != 1.0 else None
+    work = np.cumsum(np.asarray(x @ item_counts.astype(np.float64)).ravel())
+    return UserCFInputs(p, x, xt_w, row_norm, col_norm, region, work, int(len(items)))
+
+
+def chunk_bounds(prep: UserCFInputs) -> list[tuple[int, int]]:
+    """Chunks of users whose products Σ_{i∈N(u)} |N(i)| (≥ the chunk result's non-zeros) fit CHUNK_BUDGET."""
+    work, n_users = prep.work, prep.x.shape[0]
+    bounds = [0]
+    while bounds[-1] < n_users:
+        start = bounds[-1]
+        done = work[start - 1] if start else 0.0
+        stop = int(np.searchsorted(work, done + CHUNK_BUDGET, side="right"))
+        bounds.append(min(n_users, max(stop, start + 1)))
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def similarity_rows(prep: UserCFInputs, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Top-k neighbours of users [start, stop): (ids, scores, non-zeros of their similarity rows)."""
+    p = prep.params
+    s = (prep.x[start:stop] @ prep.xt_w).tocsr()
+    s.sum_duplicates()
+    rows = np.repeat(np.arange(start, stop), np.diff(s.indptr))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s.data /= prep.row_norm[rows] * prep.col_norm[s.indices]
+    if prep.region is not None:
+        same = (prep.region[rows] == prep.region[s.indices]) & (prep.region[rows] >= 0)
+        s.data[same] *= p.region_weight
+    ids, scores = sparse_top_k(s, p.top_k, self_offset=start)
+    return ids, scores, int(s.nnz)

@@ -25,13 +25,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from common.towers import export_tower, history_inputs, input_meta
 from common.towers.youtube_dnn import YouTubeDNNTower, powers, quantile_cdf
-from trainer.channels.embedding import EmbeddingChannel
+from trainer.channels.warm_tower import WarmTowerChannel
 from trainer.data.io import item_field_column
 from trainer.data.train_data import TrainData
-from trainer.nn.encoding import TOWER, encode_attrs, encode_column, value_strings
+from trainer.nn.encoding import TOWER, codes_from_vocab, encode_attrs, encode_column, value_strings
 from trainer.nn.loop import Batch, LoopConfig, adam, seeded, train_loop, unique_parameters
 from trainer.nn.losses import SampledSoftmax
 from trainer.nn.negatives import PowerSampler
+from trainer.nn.warm_start import RowTable, WarmState, extend_codes
 
 ZIP_NAMES = ("zip", "postcode", "postal")
 
@@ -114,7 +115,7 @@ def sample_per_user(cand: np.ndarray, cand_user: np.ndarray, k: int | None,
     return np.sort(cand[order][rank < k])
 
 
-class YouTubeDNNChannel(EmbeddingChannel):
+class YouTubeDNNChannel(WarmTowerChannel):
     """YouTubeDNN u2i channel: request-time user tower, softmax output embeddings as item vectors."""
 
     model = "youtube_dnn"
@@ -140,20 +141,23 @@ class YouTubeDNNChannel(EmbeddingChannel):
         self.attr_columns, self.attr_vocab, self.attr_sizes = cols, vocab, sizes
         self.user_attr_codes = (np.hstack(codes) if codes else np.zeros((data.n_users, 1), np.int64)).astype(np.int64)
         self._item_tokens(data)
-        # training candidates: every position with at least one earlier item of the same user
+        self._candidates(data)
+        self.cont_edges = self._continuous_edges(data)
+        ages = np.log1p(np.maximum(self.cutoff - data.ts[self.cand], 0)).astype(np.float64)
+        self.age_edges = self._edges(ages, force_zero=True)
+
+    def _candidates(self, data: TrainData) -> None:
+        """Training candidates: every position with at least one earlier item of the same user; the cut-off time."""
         pos = np.arange(len(data.item_idx), dtype=np.int64)
         self.cand = pos[pos > data.user_ptr[data.user_idx]]
         self.cand_user = data.user_idx[self.cand].astype(np.int64)
         self.cutoff = int(data.ts.max()) if len(data.ts) else 0
-        self.cont_edges = self._continuous_edges(data)
-        ages = np.log1p(np.maximum(self.cutoff - data.ts[self.cand], 0)).astype(np.float64)
-        self.age_edges = self._edges(ages, force_zero=True)
 
     def _item_tokens(self, data: TrainData) -> None:
         """int64 [n_items + 1, F, W]: each item's codes in each token field, offset into one table (0 = none)."""
         p: YouTubeDNNParams = self.params
         fields: list[np.ndarray] = []
-        size, used = 1, []
+        size, used, vocab = 1, [], []
         for f in dict.fromkeys(p.token_fields):
             col = item_field_column(data.item_attrs, f)
             if col is None or col in used:
@@ -163,9 +167,10 @@ class YouTubeDNNChannel(EmbeddingChannel):
                 continue
             c = np.where(cc.codes > 0, cc.codes + size - 1, 0)  # code k ≥ 1 → row size-1+k; rare/none → 0
             fields.append(c)
+            vocab.append({"column": col, "vocab": cc.vocab, "offset": size - 1})
             size += cc.size - 1
             used.append(col)
-        self.token_fields_used, self.token_size = used, size
+        self.token_fields_used, self.token_size, self.token_vocab = used, size, vocab
         width = max((f.shape[1] for f in fields), default=1)
         tok = np.zeros((data.n_items + 1, max(len(fields), 1), width), np.int64)
         for j, f in enumerate(fields):
@@ -266,18 +271,24 @@ class YouTubeDNNChannel(EmbeddingChannel):
             self.user_vectors = self.encode_users(data).astype(np.float32)
         self.metrics = {"fit_s": time.perf_counter() - t0, "loss": self.losses[-1] if self.losses else float("nan")}
 
-    def _train(self, data: TrainData, rng: np.random.Generator) -> None:
+    def _train(self, data: TrainData, rng: np.random.Generator, warm: WarmState | None = None) -> None:
+        """Train on sampled positions of every user; or, with `warm` (an incremental update), on the candidates
+        among `warm.examples` once, with the carried optimiser and the modules as `warm` left them (frozen)."""
         p: YouTubeDNNParams = self.params
         self.losses: list[float] = []
         self.steps = 0
+        modules = [m for m in (self.tower, self.age_proj, self.item_out, self.item_b) if m is not None]
+        self.optimizer = warm.optimizer if warm else adam(unique_parameters(*modules), self.loop_config)
         if len(self.cand) == 0:
             return
+        # the sampler's counts (its log q) are those of every interaction so far, new events included
         self.softmax = SampledSoftmax(PowerSampler(data.item_counts, p.negatives_power), num_sampled=p.num_negatives,
                                       temperature=1.0, logq=p.logq, full_up_to=p.full_softmax_up_to)
-        modules = [m for m in (self.tower, self.age_proj, self.item_out, self.item_b) if m is not None]
-        opt = adam(unique_parameters(*modules), self.loop_config)
+        opt = self.optimizer
 
         def examples(r: np.random.Generator) -> np.ndarray:
+            if warm is not None:
+                return np.intersect1d(warm.examples, self.cand)
             return sample_per_user(self.cand, self.cand_user, p.examples_per_user, r)
 
         def batch_loss(b: Batch) -> torch.Tensor:
@@ -285,7 +296,7 @@ class YouTubeDNNChannel(EmbeddingChannel):
             u = self.user_train(data, data.user_idx[g].astype(np.int64), g, rng)
             return self.softmax(u, torch.as_tensor(data.item_idx[g].astype(np.int64)), self.item_vectors_of, rng)
 
-        history = train_loop(batch_loss, examples, opt, self.loop_config, rng, modules=modules)
+        history = train_loop(batch_loss, examples, opt, self.loop_config, rng, modules=[] if warm else modules)
         self.losses, self.steps = history.losses, history.steps
 
     # -- export -----------------------------------------------------------------------------------
@@ -302,3 +313,60 @@ class YouTubeDNNChannel(EmbeddingChannel):
                for b in range(0, len(users), 4096)]
         width = self.params.dim + int(self.params.item_bias)
         return np.concatenate(out) if out else np.zeros((0, width), np.float32)
+
+    # -- incremental updates between nightlies (docs/event_log.md; the mechanism: trainer/channels/warm_tower.py) --
+    def warm_modules(self) -> dict[str, torch.nn.Module]:
+        mods = {"tower": self.tower, "age_proj": self.age_proj, "item_b": self.item_b,
+                "item_out": None if self.params.share_item_emb else self.item_out}
+        return {k: m for k, m in mods.items() if m is not None}
+
+    def warm_tables(self) -> list[RowTable]:
+        """The history embeddings and token codes of the items, the softmax's output rows (and biases) — which grow
+        like the item table —, the user rows (use_user_id)."""
+        shared = self.params.share_item_emb
+        return [RowTable("tower.item_emb.weight", "item", history=True, item_vector=shared),
+                RowTable("tower.item_tokens", "item", train=False),
+                RowTable("tower.user_emb.weight", "user", new="unknown"),
+                RowTable("tower.trained_user", "user", train=False, derived=True, marks_trained=True),
+                RowTable("item_out.weight", "item", tail=0, item_vector=True),
+                RowTable("item_b.weight", "item", tail=0, item_vector=True)]
+
+    def warm_extra(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The user attribute codes and vocabularies, the token fields' vocabularies, the example-age quantiles."""
+        return {"user_attr_codes": torch.as_tensor(self.user_attr_codes)}, {
+            "attr_columns": self.attr_columns, "attr_vocab": self.attr_vocab, "attr_sizes": self.attr_sizes,
+            "token_vocab": self.token_vocab, "token_size": self.token_size, "age_edges": self.age_edges.tolist()}
+
+    def warm_prepare(self, data: TrainData, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        n_u0, n_i0 = int(meta["n_users"]), int(meta["n_items"])
+        self.attr_columns, self.attr_vocab, self.attr_sizes = meta["attr_columns"], meta["attr_vocab"], meta["attr_sizes"]
+        fields = [{"name": c, "vocab": self.attr_vocab[c], "kind": "categorical"} for c in self.attr_columns]
+        self.user_attr_codes = extend_codes(tensors["user_attr_codes"].numpy(), n_u0, data.n_users,
+                                            data.user_attrs if self.params.use_user_attrs else None, fields)
+        self.token_vocab, self.token_size = meta["token_vocab"], int(meta["token_size"])
+        self.token_fields_used = [f["column"] for f in self.token_vocab]
+        old = tensors["tower.item_tokens"].numpy()
+        new = np.zeros((data.n_items - n_i0, *old.shape[1:]), np.int64)
+        for j, f in enumerate(self.token_vocab):
+            if data.item_attrs is not None and f["column"] in data.item_attrs.columns and len(new):
+                c = codes_from_vocab(data.item_attrs[f["column"]].iloc[n_i0:], f["vocab"], True, old.shape[2])
+                new[:, j] = np.where(c > 0, c + f["offset"], 0)
+        self.item_tokens = np.concatenate([old[:n_i0], new, old[n_i0:]])
+        self.cont_edges = tensors["tower.cont_edges"].numpy()
+        self.age_edges = np.asarray(meta["age_edges"], np.float32)
+        self._candidates(data)  # the cut-off moves to the newest event: the new examples are the youngest
+
+    def warm_build(self, data: TrainData, tensors: dict[str, torch.Tensor]) -> None:
+        self._build_model(data)
+
+    def warm_train(self, data: TrainData, rng: np.random.Generator, rows: np.ndarray, opt: torch.optim.Optimizer,
+                   tensors: dict[str, torch.Tensor]) -> list[float]:
+        self.loop_config = self.incremental_loop_config(self.progress)
+        self._train(data, rng, WarmState(rows, opt, None))
+        return self.losses
+
+    def encode_item_rows(self, data: TrainData, items: np.ndarray) -> np.ndarray:
+        return self.item_vectors_of(torch.as_tensor(items, dtype=torch.int64)).numpy()
+
+    def encode_user_rows(self, data: TrainData, users: np.ndarray) -> np.ndarray:
+        return self.encode_users(data, users)

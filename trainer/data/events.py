@@ -12,14 +12,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.event_types import EVENT_ALIASES, EVENT_TYPES
 from trainer.data.errors import DataError, first_bad
 
-EVENT_TYPES = ("click", "like", "cart", "purchase")  # code = position; a larger code is a stronger action
 CLICK, LIKE, CART, PURCHASE = range(len(EVENT_TYPES))
 CONVERSION_EVENTS = (LIKE, PURCHASE)  # what makes an item a session's conversion
-# common spellings in public logs (RetailRocket view/addtocart/transaction, Taobao pv/fav/cart/buy)
-EVENT_ALIASES = {"view": "click", "pv": "click", "fav": "like", "addtocart": "cart", "buy": "purchase",
-                 "transaction": "purchase"}
 LIKE_MIN_RATING = 4.0
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.ids import str_codes
 from trainer.data.errors import DataError, first_bad
 from trainer.data.events import event_column, parse_events
 
@@ -91,6 +92,14 @@ def _ids(path: Path, df: pd.DataFrame, column: str) -> pd.Series:
     bad = s.isna().to_numpy()
     if bad.any():
         raise first_bad(path, column, bad, s, "missing id")
+    fast = str_codes(s)
+    if fast is not None:  # the same conversion, on each distinct id once
+        codes, uniq = fast
+        stripped = pd.Series(uniq, dtype=object).astype(str).str.strip().to_numpy(object)
+        empty = (stripped == "")[codes]
+        if empty.any():
+            raise first_bad(path, column, empty, pd.Series(stripped[codes]), "empty id")
+        return pd.Series(stripped[codes], index=s.index, name=column, dtype=object)
     s = s.astype(str).str.strip()
     empty = (s == "").to_numpy()
     if empty.any():

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from common.ids import IdMap
+from common.ids import IdMap, str_objects
 from trainer.data.events import event_codes
 from trainer.data.io import item_field_column
 from trainer.data.sessions import Sessions
@@ -54,7 +54,7 @@ class TrainData:
         ts = df["timestamp"].to_numpy(np.int64)
         # order_interactions sorted by external user id; re-sort by internal index, keeping time order
         order = np.lexsort((np.arange(len(df)), u))
-        ctx = {c: df[c].astype(str).to_numpy(object)[order] for c in ("environment", "region") if c in df.columns}
+        ctx = {c: str_objects(df[c])[order] for c in ("environment", "region") if c in df.columns}
         rating = df["rating"].to_numpy(np.float32)[order] if "rating" in df.columns else None
         event = event_codes(df)[order]
         ua = users.reindex(pd.Index(user_map.ids)).reset_index(drop=True) if users is not None else None

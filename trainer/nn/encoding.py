@@ -233,3 +233,20 @@ def _categorical(name: str, s: pd.Series, multi: bool, o: EncodeOptions, int_cat
     starts = np.searchsorted(r, r, side="left")
     mat[r, np.arange(len(r)) - starts] = c
     return ColumnCodes(name, mat, vocab, labels, "bag" if bag else "categorical")
+
+
+def codes_from_vocab(values: pd.Series, vocab: dict[str, int], bag: bool, width: int) -> np.ndarray:
+    """int64 [n, width] codes of new rows through a fitted column's vocabulary (what a request-time encoder does):
+    a value's spellings (`value_strings`) looked up, unseen or missing → 0; a bag's first `width` parts; -1 pads.
+    Encodes rows that arrive after the fit (new users / items between nightlies) without moving existing codes."""
+    out = np.full((len(values), max(width, 1)), -1, np.int64)
+    out[:, 0] = 0
+    for r, v in enumerate(values.tolist()):
+        if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
+            continue
+        parts = [p.strip() for p in str(v).split("|")] if bag else [v]
+        codes = [next((vocab[s] for s in value_strings(p) if s in vocab), 0) for p in parts if str(p) != ""]
+        if codes:
+            codes = codes[:out.shape[1]]
+            out[r, :len(codes)] = codes
+    return out

@@ -12,6 +12,11 @@ down-sampling of popular positives) in `rng.permutation` order, batches of `batc
         history = train_loop(batch_loss, np.arange(n), adam(model.parameters(), cfg), cfg, rng, modules=[model])
 
 Same seed and thread count → bit-identical weights (one thread: no reduction-order noise).
+
+Data-parallel (`with data_parallel(seed):` in each process of an initialised torch.distributed group, e.g. Ray
+Train's gloo workers; trainer/engine/ray_train.py): every loop inside runs the same global batches in the same order
+on every rank, each rank takes its share of each batch, and the gradients are averaged across ranks before every
+step (what DDP does), so N ranks train one model with the single-process batch size and step count.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,6 +103,61 @@ class History:
     stopped_early: bool = False
 
 
+@dataclass(frozen=True)
+class DataParallel:
+    """This process is `rank` of `world` in the default torch.distributed group; `seed` orders the batches."""
+
+    rank: int
+    world: int
+    seed: int
+
+    def shard(self, rows: np.ndarray) -> np.ndarray:
+        """This rank's share of a global batch (sizes differ by at most one)."""
+        return np.array_split(rows, self.world)[self.rank]
+
+    def broadcast(self, params: Sequence[nn.Parameter]) -> None:
+        """Rank 0's weights to every rank (DDP's start)."""
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for p in params:
+                dist.broadcast(p.data, src=0)
+
+    def average_gradients(self, params: Sequence[nn.Parameter], loss: torch.Tensor) -> float:
+        """Average every gradient (and the loss) across ranks in one all-reduce; a parameter without a gradient on
+        every rank keeps none (the optimiser skips it, as in one process). Returns the mean loss."""
+        import torch.distributed as dist
+
+        has = torch.tensor([p.grad is not None for p in params] + [True], dtype=torch.float32)
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+                         + [loss.detach().reshape(1).to(torch.float32)])
+        dist.all_reduce(has, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flat)
+        flat /= self.world
+        at = 0
+        for p, h in zip(params, has.tolist(), strict=False):
+            n = p.numel()
+            p.grad = flat[at:at + n].view_as(p).clone() if h else None
+            at += n
+        return float(flat[-1])
+
+
+_DATA_PARALLEL: ContextVar[DataParallel | None] = ContextVar("data_parallel", default=None)
+
+
+@contextmanager
+def data_parallel(seed: int) -> Iterator[DataParallel]:
+    """Run every `train_loop` inside data-parallel over the initialised default torch.distributed group."""
+    import torch.distributed as dist
+
+    dp = DataParallel(dist.get_rank(), dist.get_world_size(), seed)
+    token = _DATA_PARALLEL.set(dp)
+    try:
+        yield dp
+    finally:
+        _DATA_PARALLEL.reset(token)
+
+
 def train_loop(batch_loss: Callable[[Batch], torch.Tensor],
                examples: np.ndarray | Callable[[np.random.Generator], np.ndarray],
                optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], config: LoopConfig,
@@ -120,28 +181,38 @@ def train_loop(batch_loss: Callable[[Batch], torch.Tensor],
                               on_epoch_end=on_epoch_end, validate=validate, metric=metric, modules=modules,
                               restore_best=restore_best)
     opts = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer)
+    dp = _DATA_PARALLEL.get()
+    order_rng = rng
+    if dp is not None:
+        params = unique_parameters(*[[p for g in opt.param_groups for p in g["params"]] for opt in opts])
+        dp.broadcast(params)
+        order_rng = np.random.default_rng([dp.seed, 0])  # the same batches on every rank
+        # the model's own draws (negatives, dropout of ids) differ per rank, as separate sub-batches should
+        rng.bit_generator.state = np.random.default_rng([dp.seed, dp.rank + 1]).bit_generator.state
+        torch.manual_seed(dp.seed * 1009 + dp.rank + 1)
     hist = History()
     best_state: list[dict] | None = None
     for m in modules:
         m.train()
     bar = tqdm(range(config.epochs), desc=config.desc, disable=not config.progress, leave=False)
     for epoch in bar:
-        ex = examples(rng) if callable(examples) else examples
-        order = rng.permutation(ex)
+        ex = examples(order_rng) if callable(examples) else examples
+        order = order_rng.permutation(ex)
         if on_epoch_start is not None:
             on_epoch_start(epoch, order)
         total, nb = 0.0, 0
         for b0 in range(0, len(order), config.batch_size):
             rows = order[b0:b0 + config.batch_size]
-            if len(rows) < config.min_batch:
+            if len(rows) < config.min_batch * (dp.world if dp else 1):
                 continue
-            loss = batch_loss(Batch(rows, b0, hist.steps, epoch))
+            loss = batch_loss(Batch(dp.shard(rows) if dp else rows, b0, hist.steps, epoch))
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
             loss.backward()
+            value = dp.average_gradients(params, loss) if dp else loss.item()
             for opt in opts:
                 opt.step()
-            total += loss.item()
+            total += value
             nb += 1
             hist.steps += 1
         hist.losses.append(total / max(nb, 1))

@@ -26,7 +26,7 @@ from trainer.nn.encoding import encode_attrs
 from trainer.nn.loop import Batch, LoopConfig, adam, seeded, train_loop
 from trainer.nn.losses import FULL_SOFTMAX_UP_TO, SampledSoftmax
 from trainer.nn.negatives import PowerSampler
-from trainer.nn.warm_start import RowTable, WarmState, encoding_meta, extend_codes, restore_encoding
+from trainer.nn.warm_start import RowTable, WarmState
 
 
 class MindParams(BaseModel):
@@ -197,27 +197,13 @@ class MindChannel(WarmTowerChannel):
 
     def warm_extra(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The attribute codes and vocabularies of users and items."""
-        return {"user_attr_codes": torch.as_tensor(self.user_attr_codes),
-                "item_attr_codes": torch.as_tensor(self.item_enc.codes)}, {
-            "user_fields": encoding_meta(self.user_enc), "item_fields": encoding_meta(self.item_enc)}
+        return self.attrs_checkpoint()
 
     def warm_prepare(self, data: TrainData, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        n_u0, n_i0 = int(meta["n_users"]), int(meta["n_items"])
-        self.user_attr_codes = extend_codes(tensors["user_attr_codes"].numpy(), n_u0, data.n_users, data.user_attrs,
-                                            meta["user_fields"], tail=1)
-        self.user_enc = restore_encoding(meta["user_fields"], self.user_attr_codes, data.n_users)
-        codes = extend_codes(tensors["item_attr_codes"].numpy(), n_i0, data.n_items, data.item_attrs,
-                             meta["item_fields"])
-        self.item_enc = restore_encoding(meta["item_fields"], codes, data.n_items)
+        self.restore_attrs(data, tensors, meta)
 
     def warm_build(self, data: TrainData, tensors: dict[str, torch.Tensor]) -> None:
         self.tower = self.build_tower(data)
-
-    def warm_train(self, data: TrainData, rng: np.random.Generator, rows: np.ndarray, opt: torch.optim.Optimizer,
-                   tensors: dict[str, torch.Tensor]) -> list[float]:
-        self.loop_config = self.incremental_loop_config(self.progress)
-        self._train(data, rng, WarmState(rows, opt, None))
-        return self.losses
 
     def encode_item_rows(self, data: TrainData, items: np.ndarray) -> np.ndarray:
         return F.normalize(self.tower.items(torch.as_tensor(items, dtype=torch.int64)), dim=1).numpy()

@@ -27,7 +27,7 @@ from trainer.nn.encoding import encode_attrs
 from trainer.nn.loop import Batch, LoopConfig, adam, seeded, train_loop, unique_parameters
 from trainer.nn.losses import FULL_SOFTMAX_UP_TO, SampledSoftmax
 from trainer.nn.negatives import PowerSampler
-from trainer.nn.warm_start import RowTable, WarmState, encoding_meta, extend_codes, restore_encoding
+from trainer.nn.warm_start import RowTable, WarmState
 
 SIDE_FIELDS = ("category", "brand", "market")
 
@@ -128,6 +128,7 @@ class SDMChannel(WarmTowerChannel):
     model = "sdm"
     kinds = ("u2i",)
     Params = SDMParams
+    warm_min_batch = 1
 
     # -- features ---------------------------------------------------------------------------------
     def _prepare(self, data: TrainData) -> None:
@@ -282,15 +283,12 @@ class SDMChannel(WarmTowerChannel):
 
     def warm_extra(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The user attribute codes and vocabularies, the side fields' value names."""
-        return {"user_attr_codes": torch.as_tensor(self.user_attr_codes)}, {
-            "user_fields": encoding_meta(self.user_enc), "side_fields": self.side_fields,
-            "side_names": self.side_names}
+        tensors, meta = self.attrs_checkpoint(items=False)
+        return tensors, {**meta, "side_fields": self.side_fields, "side_names": self.side_names}
 
     def warm_prepare(self, data: TrainData, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        n_u0, n_i0 = int(meta["n_users"]), int(meta["n_items"])
-        self.user_attr_codes = extend_codes(tensors["user_attr_codes"].numpy(), n_u0, data.n_users, data.user_attrs,
-                                            meta["user_fields"], tail=1)
-        self.user_enc = restore_encoding(meta["user_fields"], self.user_attr_codes, data.n_users)
+        n_i0 = int(meta["n_items"])
+        self.restore_attrs(data, tensors, meta)
         self.side_fields, self.side_names = meta["side_fields"], meta["side_names"]
         self.side_sizes = [len(n) for n in self.side_names]
         old = tensors["tower.item_codes"].numpy()[:n_i0]
@@ -304,17 +302,5 @@ class SDMChannel(WarmTowerChannel):
                          for x in c[n_i0:]]
         self.item_codes = np.concatenate([old, new]).reshape(data.n_items, len(self.side_fields))
 
-    def warm_build(self, data: TrainData, tensors: dict[str, torch.Tensor]) -> None:
-        self._build_model(data)
-
-    def warm_train(self, data: TrainData, rng: np.random.Generator, rows: np.ndarray, opt: torch.optim.Optimizer,
-                   tensors: dict[str, torch.Tensor]) -> list[float]:
-        self.loop_config = self.incremental_loop_config(self.progress, min_batch=1)
-        self._train(data, rng, WarmState(rows, opt, None))
-        return self.losses
-
     def encode_item_rows(self, data: TrainData, items: np.ndarray) -> np.ndarray:
         return self.item_vectors_of(torch.as_tensor(items, dtype=torch.int64)).numpy()
-
-    def encode_user_rows(self, data: TrainData, users: np.ndarray) -> np.ndarray:
-        return self.encode_users(data, users)

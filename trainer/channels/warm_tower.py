@@ -9,8 +9,9 @@ ID embedding tables (eval mode: Dropout off, BatchNorm on its running statistics
 with the grown state. The model then trains one pass over the new interactions with its nightly loss, and only the
 items and users whose vectors can have changed are re-encoded; the rest are the published vectors.
 
-A model implements the hooks (`warm_modules`, `warm_tables`, `warm_prepare`, `warm_build`, `warm_train`,
-`encode_item_rows`, `encode_user_rows`, optionally `warm_extra`) and keeps its nightly optimiser in `self.optimizer`.
+A model implements the hooks (`warm_modules`, `warm_tables`, `warm_prepare`, `encode_item_rows`, optionally
+`warm_extra`, `warm_build`, `warm_train`, `encode_user_rows`) and keeps its nightly optimiser in `self.optimizer`;
+`attrs_checkpoint` / `restore_attrs` carry the user (and item) attribute encodings most towers share.
 """
 
 from __future__ import annotations
@@ -28,10 +29,14 @@ from trainer.nn.warm_start import (
     BaseVersion,
     RowTable,
     WarmStart,
+    WarmState,
+    encoding_meta,
+    extend_codes,
     named_unique_parameters,
     optimizer_tensors,
     pack_checkpoint,
     read_checkpoint,
+    restore_encoding,
     reuse_rows,
 )
 
@@ -60,14 +65,16 @@ class WarmTowerChannel(EmbeddingChannel):
         raise NotImplementedError
 
     def warm_build(self, data: TrainData, tensors: dict[str, torch.Tensor]) -> None:
-        """Fresh modules at `data`'s sizes (the new rows' initial draws are made here)."""
-        raise NotImplementedError
+        """Fresh modules at `data`'s sizes (the new rows' initial draws are made here); default: the nightly's."""
+        self._build_model(data)
 
     def warm_train(self, data: TrainData, rng: np.random.Generator, rows: np.ndarray,
                    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> list[float]:
         """One pass of the nightly's loss over the interactions at `rows`, stepping `opt`, modules left as they are
-        (frozen, eval mode); returns the losses."""
-        raise NotImplementedError
+        (frozen, eval mode); returns the losses. Default: the nightly's `_train` with no logQ state carried."""
+        self.loop_config = self.incremental_loop_config(self.progress, min_batch=self.warm_min_batch)
+        self._train(data, rng, WarmState(rows, opt, None))
+        return self.losses
 
     def encode_item_rows(self, data: TrainData, items: np.ndarray) -> np.ndarray:
         """The published vectors of `items`."""
@@ -75,7 +82,30 @@ class WarmTowerChannel(EmbeddingChannel):
 
     def encode_user_rows(self, data: TrainData, users: np.ndarray) -> np.ndarray:
         """The published vectors of `users` (from their latest items)."""
-        raise NotImplementedError
+        return self.encode_users(data, users)
+
+    warm_min_batch = 2  # the smallest batch the default `warm_train` steps on
+
+    # -- shared pieces of the hooks ------------------------------------------------------------------------------
+    def attrs_checkpoint(self, items: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """`warm_extra`'s part for the user (and item) attribute codes and vocabularies."""
+        tensors = {"user_attr_codes": torch.as_tensor(self.user_attr_codes)}
+        meta = {"user_fields": encoding_meta(self.user_enc)}
+        if items:
+            tensors["item_attr_codes"] = torch.as_tensor(self.item_enc.codes)
+            meta["item_fields"] = encoding_meta(self.item_enc)
+        return tensors, meta
+
+    def restore_attrs(self, data: TrainData, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """`warm_prepare`'s part: the checkpointed attribute encodings extended to `data`'s new users (and items)."""
+        n_u0, n_i0 = int(meta["n_users"]), int(meta["n_items"])
+        self.user_attr_codes = extend_codes(tensors["user_attr_codes"].numpy(), n_u0, data.n_users, data.user_attrs,
+                                            meta["user_fields"], tail=1)
+        self.user_enc = restore_encoding(meta["user_fields"], self.user_attr_codes, data.n_users)
+        if "item_attr_codes" in tensors:
+            codes = extend_codes(tensors["item_attr_codes"].numpy(), n_i0, data.n_items, data.item_attrs,
+                                 meta["item_fields"])
+            self.item_enc = restore_encoding(meta["item_fields"], codes, data.n_items)
 
     def warm_lr(self) -> float:
         return float(self.params.lr)

@@ -356,17 +356,5 @@ class YouTubeDNNChannel(WarmTowerChannel):
         self.age_edges = np.asarray(meta["age_edges"], np.float32)
         self._candidates(data)  # the cut-off moves to the newest event: the new examples are the youngest
 
-    def warm_build(self, data: TrainData, tensors: dict[str, torch.Tensor]) -> None:
-        self._build_model(data)
-
-    def warm_train(self, data: TrainData, rng: np.random.Generator, rows: np.ndarray, opt: torch.optim.Optimizer,
-                   tensors: dict[str, torch.Tensor]) -> list[float]:
-        self.loop_config = self.incremental_loop_config(self.progress)
-        self._train(data, rng, WarmState(rows, opt, None))
-        return self.losses
-
     def encode_item_rows(self, data: TrainData, items: np.ndarray) -> np.ndarray:
         return self.item_vectors_of(torch.as_tensor(items, dtype=torch.int64)).numpy()
-
-    def encode_user_rows(self, data: TrainData, users: np.ndarray) -> np.ndarray:
-        return self.encode_users(data, users)

@@ -29,7 +29,7 @@ from redis.backoff import ExponentialBackoff
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from common.breaker import FAILURES, CircuitBreaker
-from common.redis_reads import Command, RedisReads
+from common.redis_reads import Command, ExecuteReads, RedisReads
 
 Addr = tuple[str, int]
 
@@ -94,7 +94,7 @@ def _moved_target(msg: str, fallback_host: str) -> tuple[int, Addr]:
     return int(slot), (host or fallback_host, int(port))
 
 
-class ClusterReads:
+class ClusterReads(ExecuteReads):
     """The hot-path reader (`execute`, `mget`, `get`, `close`, as `RedisReads`) on a Redis Cluster given by the URL
     of any of its nodes; raises `redis.exceptions.ConnectionError` / `TimeoutError` / `ResponseError`."""
 
@@ -187,14 +187,6 @@ class ClusterReads:
                 if isinstance(r, redis.exceptions.ResponseError):
                     raise r
         return replies
-
-    async def mget(self, keys: list[str]) -> list[bytes | None]:
-        if not keys:
-            return []
-        return (await self.execute([("MGET", *keys)]))[0]
-
-    async def get(self, key: str) -> bytes | None:
-        return (await self.execute([("GET", key)]))[0]
 
     def close(self) -> None:
         for r in self._nodes.values():

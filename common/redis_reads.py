@@ -70,7 +70,22 @@ class _RespProtocol(asyncio.Protocol):
             self.transport.abort()
 
 
-class RedisReads:
+class ExecuteReads:
+    """`mget` and `get` on top of a reader's pipelined `execute` (RedisReads, the cluster reader)."""
+
+    async def execute(self, commands: list[Command], raise_errors: bool = True) -> list:
+        raise NotImplementedError
+
+    async def mget(self, keys: list[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        return (await self.execute([("MGET", *keys)]))[0]
+
+    async def get(self, key: str) -> bytes | None:
+        return (await self.execute([("GET", key)]))[0]
+
+
+class RedisReads(ExecuteReads):
     """Read commands against one Redis DB (a `redis://` URL) over one pipelined connection, opened on
     first use and re-opened after a failure. Raises `redis.exceptions.ConnectionError` / `TimeoutError` /
     `ResponseError`."""
@@ -160,14 +175,6 @@ class RedisReads:
         if breaker is not None:
             breaker.success()
         return replies
-
-    async def mget(self, keys: list[str]) -> list[bytes | None]:
-        if not keys:
-            return []
-        return (await self.execute([("MGET", *keys)]))[0]
-
-    async def get(self, key: str) -> bytes | None:
-        return (await self.execute([("GET", key)]))[0]
 
     def close(self) -> None:
         if self._proto is not None:

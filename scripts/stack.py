@@ -28,6 +28,8 @@ from pathlib import Path
 
 import httpx
 
+from common.liveness import pid_alive
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -86,7 +88,7 @@ def ensure_redis(settings) -> str:
 def local_redis_url(settings) -> str | None:
     """URL of the running local Redis of this RUN_DIR, if any."""
     pid_file, url_file = redis_dir(settings) / "redis.pid", redis_dir(settings) / "redis.url"
-    if pid_file.exists() and url_file.exists() and _alive(int(pid_file.read_text())):
+    if pid_file.exists() and url_file.exists() and pid_alive(int(pid_file.read_text())):
         return url_file.read_text().strip()
     return None
 
@@ -121,19 +123,6 @@ def republish(settings, url: str) -> bool:
 
 # -- processes -------------------------------------------------------------------------------------
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped) is not running
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -159,7 +148,7 @@ def read_pid(settings, name: str) -> dict | None:
     except (ValueError, OSError):
         return None
     pid = int(rec.get("pid", 0))
-    if pid <= 0 or not _alive(pid):
+    if pid <= 0 or not pid_alive(pid):
         return None
     cmd = _cmdline(pid)
     if cmd and rec.get("module", "") not in cmd:  # the PID was reused by something else
@@ -214,7 +203,7 @@ def wait_healthy(settings, svc: Service, rec: dict, timeout: float = 180.0) -> N
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
-        if not _alive(rec["pid"]):
+        if not pid_alive(rec["pid"]):
             tail = Path(rec["log"]).read_text(errors="replace")[-3000:] if Path(rec["log"]).exists() else ""
             raise SystemExit(f"the {svc.name} server exited during start-up; end of {rec['log']}:\n{tail}")
         try:
@@ -261,7 +250,7 @@ def stop_pid(pid: int, name: str, timeout: float = 15.0) -> None:
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not pid_alive(pid):
             return
         time.sleep(0.1)
     say(f"{name} (pid {pid}) did not stop within {timeout:.0f}s: killing it")
@@ -377,7 +366,7 @@ def down(settings=None) -> list[int]:
         subprocess.run([sys.executable, "-m", "common.local_redis", "stop", "--dir", str(d)], cwd=ROOT,
                        capture_output=True)
         deadline = time.monotonic() + 10
-        while _alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         say(f"stopped the local Redis (pid {pid})")
         stopped.append(pid)

@@ -159,7 +159,8 @@ class HttpGuard:
                     ctype = v
                 elif k == b"content-length":
                     length = v
-            if ctype is None or _media_type(ctype) != b"application/json":
+            # only POST routes take bodies here: a PUT/PATCH goes on to the router's 405
+            if scope["method"] == "POST" and (ctype is None or _media_type(ctype) != b"application/json"):
                 got = "none" if ctype is None else repr(ctype.decode("latin-1")[:60])
                 return _json(415, f"{scope['method']} {scope['path']} takes a JSON body: send "
                                   f"`Content-Type: application/json` (got {got})")

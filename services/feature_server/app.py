@@ -11,17 +11,17 @@ import gc
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
 import redis.exceptions
-from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi import FastAPI, Path, Request
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from common.breaker import redis_breaker
-from common.event_types import normalize_event
+from common.event_types import EVENT_ALIASES, EVENT_TYPES, normalize_event
 from common.features import fetch_item_records, fetch_user_states
 from common.id_rule import MAX_ID_LEN, IdError, check_id
 from common.keyspace import FEATURES_CHANNEL, Keyspace, pack_json
@@ -29,7 +29,7 @@ from common.redis_conn import AsyncRedisStores
 from common.redis_url import resolve_redis_url, safe_url
 from common.settings import Settings, get_settings
 from common.versions import VersionWatcher
-from services import http_guard
+from services import http_guard, openapi
 from services.feature_server.cluster_events import write_events_cluster
 from services.feature_server.event_log import EventLogWatch
 from services.feature_server.registration import (
@@ -38,6 +38,8 @@ from services.feature_server.registration import (
     registered_items_key,
     registration_mapping,
 )
+from services.feature_server.schemas import EventsAnswer, FeatureHealth, ItemRecord, ItemsAnswer, UserFeatures
+from services.openapi import METRICS, error, id_schema, invalid
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +102,18 @@ class Event(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    user_id: str
-    item_id: str
-    timestamp: int | None = None
-    environment: str | None = None
-    region: str | None = None
-    event: str = "click"
-    event_id: str | None = None  # idempotency key: a retry with the same id within EVENT_ID_TTL_S is not counted
+    # json_schema_extra: what the validators below check, for the OpenAPI document (no extra validation)
+    user_id: str = Field(json_schema_extra=id_schema("external user id"))
+    item_id: str = Field(json_schema_extra=id_schema("external item id"))
+    timestamp: int | None = Field(default=None, json_schema_extra={
+        "minimum": 0, "exclusiveMaximum": MAX_SECONDS, "description": "seconds since the epoch (default: now)"})
+    environment: str | None = Field(default=None, json_schema_extra={"maxLength": MAX_ID_LEN})
+    region: str | None = Field(default=None, json_schema_extra={"maxLength": MAX_ID_LEN})
+    event: str = Field(default="click", json_schema_extra={
+        "enum": [*EVENT_TYPES, *EVENT_ALIASES], "description": "case and surrounding spaces are ignored"})
+    # idempotency key: a retry with the same id within EVENT_ID_TTL_S is not counted
+    event_id: str | None = Field(default=None, json_schema_extra={
+        k: v for k, v in id_schema("idempotency key").items() if k != "type"})  # (or null)
 
     @field_validator("event", mode="before")
     @classmethod
@@ -142,6 +149,8 @@ class Event(BaseModel):
     def _ts(cls, v: Any) -> int | None:
         if v is None:
             return None
+        if isinstance(v, float) and v.is_integer():  # JSON's 1700000000.0 is the integer 1700000000
+            v = int(v)
         if isinstance(v, bool) or not isinstance(v, int):
             raise ValueError("must be an integer number of seconds since the epoch")
         if v < 0:
@@ -156,6 +165,8 @@ EVENTS = TypeAdapter(list[Event])
 
 class EventsBody(BaseModel):
     """POST /events body: a list of events, or {"events": [...]} (documentation only; parsed by hand)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     events: list[Event]
 
@@ -284,8 +295,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await watcher.refresh()
         return watcher.versions.get(FEATURES_CHANNEL)
 
-    @app.get("/users/{user_id}", summary="Merged user features (batch record + real-time events)")
-    async def get_user(user_id: str, request: Request) -> Response:
+    not_found, bad_id = error("unknown (no features and no events)"), invalid("an id that breaks the id rule")
+    redis_down = error("Redis unavailable")
+
+    @app.get("/users/{user_id}", summary="Merged user features (batch record + real-time events)",
+             response_model=UserFeatures, responses={404: not_found, 422: bad_id, 503: redis_down})
+    async def get_user(user_id: Annotated[str, Path(json_schema_extra=id_schema("external user id"))],
+                       request: Request) -> Response:
         user_id = valid_id("user_id", user_id)
         version = await features_version(request)
         [state] = await fetch_user_states(request.app.state.astores, [user_id], version, settings.recent_n)
@@ -293,8 +309,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise RequestError(404, f"unknown user {user_id!r}")
         return _json(state.features, headers={"X-Features-Version": version or ""})
 
-    @app.get("/items/{item_id}", summary="Item features plus the real-time click counter")
-    async def get_item(item_id: str, request: Request) -> Response:
+    @app.get("/items/{item_id}", summary="Item features plus the real-time click counter",
+             response_model=ItemRecord, responses={404: not_found, 422: bad_id, 503: redis_down})
+    async def get_item(item_id: Annotated[str, Path(json_schema_extra=id_schema("external item id"))],
+                       request: Request) -> Response:
         item_id = valid_id("item_id", item_id)
         version = await features_version(request)
         [rec] = await fetch_item_records(request.app.state.astores, [item_id], version)
@@ -315,9 +333,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 raise RequestError(413, f"request body exceeds the limit of {max_body} bytes")
         return bytes(body)
 
+    batch = {"maxItems": settings.max_event_batch}
+    too_large = error(f"more than MAX_EVENT_BATCH={settings.max_event_batch} entries, or a body over "
+                      f"{max_body} bytes")
+
     @app.post("/items", summary="Register new items with their attributes (served after the next nightly run)",
+              response_model=ItemsAnswer, responses={413: too_large, 422: invalid(), 503: redis_down},
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
-                  "oneOf": [{"type": "array", "items": {"$ref": "#/components/schemas/ItemRegistration"}},
+                  "oneOf": [{"type": "array", "items": {"$ref": "#/components/schemas/ItemRegistration"}, **batch},
                             {"$ref": "#/components/schemas/ItemRegistration"}]}}}}})
     async def post_items(request: Request) -> Response:
         body = await read_body(request)
@@ -343,8 +366,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return _json({"registered": len(items)})
 
     @app.post("/events", summary="Record click events (atomic per batch)",
+              response_model=EventsAnswer, responses={
+                  413: too_large, 422: invalid(),
+                  503: error("Redis unavailable, or the event log is full (EVENT_LOG_MAX_LEN)")},
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
-                  "oneOf": [{"type": "array", "items": {"$ref": "#/components/schemas/Event"}},
+                  "oneOf": [{"type": "array", "items": {"$ref": "#/components/schemas/Event"}, **batch},
                             {"$ref": "#/components/schemas/EventsBody"}]}}}}})
     async def post_events(request: Request) -> Response:
         body = await read_body(request)
@@ -396,7 +422,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         duplicates = len(events) - int(written)  # events whose event_id was already counted (client retries)
         return _json({"accepted": int(written), **({"duplicates": duplicates} if duplicates else {})})
 
-    @app.get("/healthz", summary="Redis reachability + current features version (503 'degraded' when Redis has none)")
+    @app.get("/healthz", summary="Redis reachability + current features version (503 'degraded' when Redis has none)",
+             response_model=FeatureHealth,
+             responses={503: {"model": FeatureHealth, "description": "Redis unavailable, or no features version"}})
     async def healthz(request: Request) -> Response:
         watcher: VersionWatcher = request.app.state.watcher
         try:
@@ -412,7 +440,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                     "events only until it is republished"}, 503)
         return _json({"status": "ok", "redis": "ok", "features_version": version})
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics", responses=METRICS)
     async def prometheus_metrics(request: Request) -> Response:
         try:  # the event log's backlog also moves when nothing is posted (the nightly archives and trims it)
             log_watch.observe(int(await request.app.state.astores("user_features").xlen(ks.event_log())))
@@ -420,11 +448,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("event log length unavailable for /metrics: %s: %s", type(exc).__name__, exc)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    _add_schemas(app)
+    _add_schemas(app, settings.max_event_batch)
+    openapi.document(app, settings, WRITE_ROUTES)  # the request policy's answers too (services/openapi.py)
     return app
 
 
-def _add_schemas(app: FastAPI) -> None:
+def _add_schemas(app: FastAPI, max_batch: int) -> None:
     """Put Event/EventsBody/ItemRegistration into the OpenAPI components (those bodies are parsed by hand)."""
     base = app.openapi
 
@@ -436,9 +465,18 @@ def _add_schemas(app: FastAPI) -> None:
         body = EventsBody.model_json_schema(ref_template="#/components/schemas/{model}")
         comps.update(body.pop("$defs", {}))
         comps["EventsBody"] = body
+        comps["EventsBody"]["properties"]["events"]["maxItems"] = max_batch
         reg = ItemRegistration.model_json_schema(ref_template="#/components/schemas/{model}")
         comps.update(reg.pop("$defs", {}))
         comps["ItemRegistration"] = reg
+        # what ItemRegistration's validators check (registration.py imports only common/, not this module)
+        reg["properties"]["item_id"].update(id_schema("external item id"))
+        for value in reg["properties"]["attrs"]["additionalProperties"]["anyOf"]:
+            for entry in value.get("items", {}).get("anyOf", []):  # a bag's integers: JSON parses larger ones as floats
+                if entry.get("type") == "integer":
+                    entry.update(minimum=-(2**63), maximum=2**64 - 1)
+        reg["properties"]["attrs"]["propertyNames"] = {"minLength": 1, "maxLength": MAX_ID_LEN, "pattern": r"[^\s\x1c-\x1f\x85]",
+                                                       "not": {"const": "item_id"}}
         app.openapi_schema = schema
         return schema
 

@@ -21,7 +21,7 @@ import numpy as np
 import orjson
 import redis.exceptions
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from starlette.datastructures import QueryParams
 
 from common import kernels
@@ -34,7 +34,8 @@ from common.keyspace import FEATURES_CHANNEL, Keyspace
 from common.merge import ChannelOutput, merge
 from common.redis_conn import AsyncRedisStores
 from common.settings import Settings, get_settings
-from services import http_guard
+from services import http_guard, openapi
+from services.openapi import ID_LIST_PATTERN, METRICS, error, id_schema, invalid, names_pattern
 from services.recall_server.metrics import RecallMetrics, metrics_payload
 from services.recall_server.response import items_json
 from services.recall_server.retrievers import (
@@ -51,6 +52,7 @@ from services.recall_server.retrievers import (
     is_new_user,
     new_user_categories,
 )
+from services.recall_server.schemas import RecallAnswer, RecallHealth
 from services.recall_server.state import ChannelView, ServingState, Snapshot
 from services.vector_server.client import VectorNotFound, VectorServerTimeout
 
@@ -158,6 +160,8 @@ def parse_body(raw: bytes, *, default_k: int, max_k: int, known: list[str]) -> R
     if unknown:
         raise ParamError("body", f"unknown field(s) {[u[:60] for u in unknown[:5]]}; allowed: {', '.join(BODY_FIELDS)}")
     k, explain = body.get("k"), body.get("explain", False)
+    if isinstance(k, float) and k.is_integer() and abs(k) < 1e15:  # JSON's 50.0 is the integer 50 (OpenAPI too)
+        k = int(k)
     if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
         raise ParamError("k", f"k must be an integer between 1 and {max_k}")
     if not isinstance(explain, bool):
@@ -500,23 +504,22 @@ def create_app(settings: Settings | None = None, config: ChannelConfig | None = 
 
     recall_params = [  # documented for /docs; read straight from the query string (FastAPI's per-parameter
         # validation costs ≈45 µs a request here, and parse_params checks everything itself)
-        {"name": "user_id", "in": "query", "required": True, "description": "external user id",
-         "schema": {"type": "string"}},
+        {"name": "user_id", "in": "query", "required": True, "schema": id_schema("external user id")},
         {"name": "k", "in": "query", "description": f"number of candidates, 1..{max_k} (default {default_k})",
          "schema": {"type": "integer", "minimum": 1, "maximum": max_k, "default": default_k}},
-        {"name": "channels", "in": "query", "schema": {"type": "string"},
-         "description": f"comma-separated subset of channels; enabled: {', '.join(known)}"},
-        {"name": "exclude", "in": "query", "schema": {"type": "string"},
-         "description": "comma-separated item ids never to return"},
+        {"name": "channels", "in": "query", "description": f"comma-separated subset of channels; enabled: "
+                                                            f"{', '.join(known)}",
+         "schema": {"type": "string", "minLength": 1, **({"pattern": p} if (p := names_pattern(known)) else {})}},
+        {"name": "exclude", "in": "query", "schema": {"type": "string", "pattern": ID_LIST_PATTERN},
+         "description": f"comma-separated item ids never to return (at most {MAX_EXCLUDE}; more with POST /recall)"},
         {"name": "explain", "in": "query", "schema": {"type": "boolean", "default": False},
          "description": "true: each item lists the channels that produced it with its rank there"},
     ]
+    recall_errors = {422: invalid("a bad (or repeated) parameter, named in detail[0].loc"),
+                     503: error("Redis unavailable")}
 
-    @app.get("/recall", response_class=Response, summary="Ranked candidates for one user",
-             openapi_extra={"parameters": recall_params},
-             responses={200: {"description": "items, per-channel status, versions, cold_start"},
-                        422: {"description": "a bad query parameter (named in detail[0].loc)"},
-                        503: {"description": "Redis unavailable"}})
+    @app.get("/recall", response_model=RecallAnswer, summary="Ranked candidates for one user",
+             openapi_extra={"parameters": recall_params}, responses=recall_errors)
     async def recall(request: Request) -> Response:
         status, body = await answer(request.scope["query_string"])
         return Response(body, status_code=status, media_type="application/json")
@@ -549,32 +552,32 @@ def create_app(settings: Settings | None = None, config: ChannelConfig | None = 
 
     app.state.recall_answer = answer
 
-    @app.post("/recall", response_class=Response, summary="Ranked candidates for one user (JSON body)",
+    @app.post("/recall", response_model=RecallAnswer, summary="Ranked candidates for one user (JSON body)",
               description="The same answer as GET /recall, for requests too long for a URL (e.g. 10,000 excluded "
                           "ids): a JSON object with the GET parameters as fields.",
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
                   "type": "object", "required": ["user_id"], "additionalProperties": False, "properties": {
-                      "user_id": {"type": "string", "minLength": 1},
+                      "user_id": id_schema("external user id"),
                       "k": {"type": "integer", "minimum": 1, "maximum": max_k, "default": default_k},
-                      "channels": {"type": "array", "items": {"type": "string", "enum": known}},
-                      "exclude": {"type": "array", "items": {"type": "string"}, "maxItems": MAX_EXCLUDE},
+                      "channels": {"type": "array", "items": {"type": "string", "enum": known}, "maxItems": 100,
+                                   "description": "a subset of the enabled channels (empty or absent: all)"},
+                      "exclude": {"type": "array", "items": id_schema("item id"), "maxItems": MAX_EXCLUDE},
                       "explain": {"type": "boolean", "default": False}}}}}}},
-              responses={200: {"description": "as GET /recall"},
-                         413: {"description": "body over HTTP_MAX_BODY_BYTES"},
-                         415: {"description": "not Content-Type: application/json"},
-                         422: {"description": "a bad field (named in detail[0].loc)"},
-                         503: {"description": "Redis unavailable"}})
+              responses={422: invalid("a bad field, named in detail[0].loc"), 503: error("Redis unavailable")})
     async def recall_post(request: Request) -> Response:
         raw = await request.body()
         status, body = await respond(partial(parse_body, raw, default_k=default_k, max_k=max_k, known=known), "body")
         return Response(body, status_code=status, media_type="application/json")
 
-    @app.get("/healthz", summary="200 when Redis answers (with the served versions), 503 naming Redis otherwise")
+    @app.get("/healthz", response_model=RecallHealth,
+             summary="200 when Redis answers (with the served versions), 503 naming Redis otherwise",
+             responses={503: {"model": RecallHealth, "description": "Redis unavailable, or it lost published versions "
+                                                                      "(`degraded`: answers come from memory)"}})
     async def healthz() -> Response:
         status, body = await service.health()
         return _json(status, body)
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics", responses=METRICS)
     async def prometheus_metrics() -> Response:
         metrics.flush()
         payload, content_type = metrics_payload(metrics.registry)
@@ -583,6 +586,7 @@ def create_app(settings: Settings | None = None, config: ChannelConfig | None = 
     from services.recall_server.inspector import mount_inspector  # (imports this module)
 
     mount_inspector(app, service, default_k, max_k)  # the inspector's pages under /ui/ (docs/inspector.md)
+    openapi.document(app, settings)  # the request policy's answers too (services/openapi.py)
     return app
 
 

@@ -14,13 +14,14 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common.fast_path import FastPath
 from common.id_rule import MAX_EXCLUDE, MAX_RECENT, IdError, check_id, check_ids
 from common.settings import Settings, get_settings
-from services import http_guard
+from services import http_guard, openapi
+from services.openapi import METRICS, error, id_schema, invalid
 from services.vector_server.core import (
     HTTPError,
     SearchRequest,
@@ -28,6 +29,7 @@ from services.vector_server.core import (
     VectorService,
     configure_threads,
 )
+from services.vector_server.schemas import SearchAnswer, UserSearchAnswer, VectorHealth
 
 log = logging.getLogger("vector_server")
 
@@ -39,6 +41,7 @@ def json_response(obj: Any, status: int = 200) -> Response:
 
 ID_LIST_LIMITS = {"exclude": MAX_EXCLUDE, "recent": MAX_RECENT}
 MAX_CHANNELS, MAX_ATTRS = 100, 256  # entries of /search/user's `channels` and `attrs` objects
+VECTOR_BOUND = 1e15  # the documented bound on a query vector's components (much larger ones overflow float32 scores)
 
 
 def _id_list(body: dict, name: str) -> list[str] | None:
@@ -83,6 +86,8 @@ def parse_search(raw: bytes, max_k: int) -> SearchRequest:
     if not isinstance(channel, str) or not channel:
         raise HTTPError(422, "field 'channel' is required and must be a non-empty string")
     k = body.get("k")
+    if isinstance(k, float) and k.is_integer() and abs(k) < 1e15:  # JSON's 50.0 is the integer 50 (OpenAPI too)
+        k = int(k)
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= max_k:
         raise HTTPError(422, f"field 'k' must be an integer between 1 and {max_k}, got {k!r}")
     vector = body.get("vector")
@@ -110,6 +115,9 @@ def parse_user_search(raw: bytes, max_k: int) -> UserSearchRequest:
         raise HTTPError(422, f"field 'channels' must be a non-empty object {{channel: k}} of at most {MAX_CHANNELS}")
     for name, k in channels.items():
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= max_k:
+            if isinstance(k, float) and k.is_integer() and 1 <= k <= max_k:  # JSON's 50.0 is the integer 50
+                channels[name] = int(k)
+                continue
             raise HTTPError(422, f"field 'channels': k of {name!r} must be an integer between 1 and {max_k}, got {k!r}")
     attrs = body.get("attrs")
     if attrs is not None and (not isinstance(attrs, dict) or len(attrs) > MAX_ATTRS):
@@ -147,16 +155,28 @@ def create_app(settings: Settings | None = None, poll_s: float | None = None) ->
     async def _http_error(request: Request, exc: HTTPError) -> Response:
         return json_response({"detail": exc.detail}, exc.status)
 
+    channel_names = sorted({*svc.known, *svc.alias})  # u2i channels (and the publishers they are named by)
+    id_list = {name: {"type": ["array", "null"], "items": id_schema("item id"), "maxItems": n}
+               for name, n in ID_LIST_LIMITS.items()}
     search_schema = {
         "requestBody": {"required": True, "content": {"application/json": {"schema": {
-            "type": "object", "required": ["channel", "k"],
+            "type": "object", "required": ["channel", "k"], "additionalProperties": False,
+            "description": "exactly one of `vector` (then no `recent`) or `user_id`",
+            "oneOf": [{"required": ["vector"], "not": {"anyOf": [{"required": ["user_id"]}, {"required": ["recent"]}]}},
+                      {"required": ["user_id"], "not": {"required": ["vector"]}}],
             "properties": {
-                "channel": {"type": "string"}, "k": {"type": "integer", "minimum": 1, "maximum": settings.max_k},
-                "vector": {"type": "array", "items": {"type": "number"}}, "user_id": {"type": "string"},
-                "exclude": {"type": "array", "items": {"type": "string"}},
-                "recent": {"type": "array", "items": {"type": "string"}}, "exclude_seen": {"type": "boolean"}}}}}}}
+                "channel": {"type": "string", "enum": channel_names},
+                "k": {"type": "integer", "minimum": 1, "maximum": settings.max_k},
+                "vector": {"type": "array", "items": {"type": "number", "minimum": -VECTOR_BOUND,
+                                                       "maximum": VECTOR_BOUND}, "minItems": 1,
+                           "description": "a query vector of the channel's dimension (`dim` in GET /healthz)"},
+                "user_id": id_schema("external user id"),
+                "exclude": id_list["exclude"], "recent": id_list["recent"], "exclude_seen": {"type": "boolean"}}}}}}}
+    search_errors = {404: error("no vector for this user in this channel"),
+                     422: invalid("a bad field (named), an unknown channel, or a vector of the wrong dimension"),
+                     503: error("the channel is not loaded (yet), or Redis is unavailable")}
 
-    @app.post("/search", openapi_extra=search_schema)
+    @app.post("/search", response_model=SearchAnswer, openapi_extra=search_schema, responses=search_errors)
     async def search(request: Request) -> Response:
         """Top-k items of a channel for a vector or a user (exactly one)."""
         t0 = time.perf_counter()
@@ -178,17 +198,19 @@ def create_app(settings: Settings | None = None, poll_s: float | None = None) ->
 
     user_search_schema = {
         "requestBody": {"required": True, "content": {"application/json": {"schema": {
-            "type": "object", "required": ["user_id", "channels"],
+            "type": "object", "required": ["user_id", "channels"], "additionalProperties": False,
             "properties": {
-                "user_id": {"type": "string"},
-                "channels": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 1,
-                                                                         "maximum": settings.max_k}},
-                "exclude": {"type": "array", "items": {"type": "string"}},
-                "recent": {"type": "array", "items": {"type": "string"}},
-                "attrs": {"type": "object"}, "exclude_seen": {"type": "boolean"},
+                "user_id": id_schema("external user id"),
+                "channels": {"type": "object", "minProperties": 1, "maxProperties": MAX_CHANNELS,
+                             "propertyNames": {"enum": channel_names}, "description": "channel → k",
+                             "additionalProperties": {"type": "integer", "minimum": 1, "maximum": settings.max_k}},
+                "exclude": id_list["exclude"], "recent": id_list["recent"],
+                "attrs": {"type": ["object", "null"], "maxProperties": MAX_ATTRS}, "exclude_seen": {"type": "boolean"},
                 "item_ids": {"type": "boolean", "default": True}}}}}}}
 
-    @app.post("/search/user", openapi_extra=user_search_schema)
+    @app.post("/search/user", response_model=UserSearchAnswer, openapi_extra=user_search_schema,
+              responses={422: invalid("a bad field (named) or an unknown channel"),
+                         503: error("Redis unavailable while reading the user")})
     async def search_user(request: Request) -> Response:
         """Top-k of several channels for one user in one call (what the recall server uses); per-channel
         failures are reported inside `results` with their status, the request itself answers 200."""
@@ -219,16 +241,42 @@ def create_app(settings: Settings | None = None, poll_s: float | None = None) ->
 
     app.state.answer_user = answer_user
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=VectorHealth,
+             responses={503: {"model": VectorHealth, "description": "Redis unavailable, or it lost published versions"}})
     async def healthz() -> Response:
         """200 while Redis answers (channels may still be loading: see `not_loaded`); 503 naming Redis otherwise."""
         status, body = await svc.health()
         return json_response(body, status)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics", responses=METRICS)
     async def prom() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def dimensions(schema: dict) -> None:
+        """POST /search's `vector` has the dimension of the channel's loaded index: one branch per dimension."""
+        body = schema["paths"]["/search"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        by_dim: dict[int, list[str]] = {}
+        for name in channel_names:
+            b = svc.bundles.get(svc.alias.get(name, name))
+            if b is not None:
+                by_dim.setdefault(int(b.dim), []).append(name)
+        if by_dim:
+            by_vector, by_user = body["oneOf"]
+            body["oneOf"] = [{**by_vector, "properties": {"channel": {"enum": names},
+                                                          "vector": {"minItems": d, "maxItems": d}}}
+                             for d, names in sorted(by_dim.items())] + [by_user]
+
+    openapi.document(app, settings, extra=dimensions)  # the request policy's answers too (services/openapi.py)
+    base_openapi, described = app.openapi, {"dims": None}
+
+    def openapi_now() -> dict:
+        """The document, made again when the loaded channels' dimensions change (a new version)."""
+        dims = sorted((n, int(b.dim)) for n, b in svc.bundles.items())
+        if dims != described["dims"]:
+            app.openapi_schema, described["dims"] = None, dims
+        return base_openapi()
+
+    app.openapi = openapi_now  # type: ignore[method-assign]
     return app
 
 

@@ -7,15 +7,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
 from fastapi import FastAPI, Request
+from fastapi import Path as FPath
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from services.openapi import error, id_schema, invalid, text
 from services.recall_server.app import RecallService
 from services.recall_server.inspector.views import Inspector, InspectorError
+from services.recall_server.schemas import ClickAnswer, ItemPage, Overview, UserPage
 
 log = logging.getLogger("recall_server.inspector")
 
@@ -69,23 +72,39 @@ def mount_inspector(app: FastAPI, service: RecallService, default_k: int, max_k:
 
     tags = ["inspector (/ui/)"]
 
-    @app.get("/ui/api/overview", tags=tags, summary="Every channel: versions, artifacts, last nightly, serving health; "
-             "the latest evaluation report")
+    @app.get("/ui/api/overview", tags=tags, response_model=Overview,
+             summary="Every channel: versions, artifacts, last nightly, serving health; the latest evaluation report")
     async def api_overview() -> Response:
         return await _answer(inspector.overview)
 
-    @app.get("/ui/api/users/{user_id:path}", tags=tags, summary="A user's features and recent clicks, the traced "
-             "/recall answer and every channel's own list")
-    async def api_user(user_id: str, request: Request) -> Response:
+    @app.get("/ui/api/users/{user_id:path}", tags=tags, response_model=UserPage,
+             summary="A user's features and recent clicks, the traced /recall answer and every channel's own list",
+             openapi_extra={"parameters": [{"name": "k", "in": "query", "schema": {
+                                               "type": "integer", "minimum": 1, "maximum": max_k,
+                                               "default": default_k}}]},
+             responses={404: error("Not Found: an id with a line break (the route does not match it)"),
+                        422: invalid("a bad user id or k"), 503: error("Redis unavailable")})
+    async def api_user(user_id: Annotated[str, FPath(json_schema_extra=id_schema("external user id"))],
+                       request: Request) -> Response:
         return await _answer(lambda: inspector.user(user_id, request.query_params.get("k")))
 
-    @app.get("/ui/api/items/{item_id:path}", tags=tags, summary="An item's features, popularity and neighbours in "
-             "every i2i channel")
-    async def api_item(item_id: str) -> Response:
+    @app.get("/ui/api/items/{item_id:path}", tags=tags, response_model=ItemPage,
+             summary="An item's features, popularity and neighbours in every i2i channel",
+             responses={404: error("an item unknown to the id map, the features, the events and the registrations"),
+                        422: invalid("a bad item id"), 503: error("Redis unavailable")})
+    async def api_item(item_id: Annotated[str, FPath(json_schema_extra=id_schema("external item id"))]) -> Response:
         return await _answer(lambda: inspector.item(item_id))
 
-    @app.post("/ui/api/clicks", tags=tags, summary='Post a click {"user_id", "item_id"} to the feature server\'s '
-              "POST /events (the page's button; the browser cannot reach the feature server itself)")
+    @app.post("/ui/api/clicks", tags=tags, response_model=ClickAnswer,
+              summary="Post a click {\"user_id\", \"item_id\"} to the feature server's POST /events (the page's "
+                      "button; the browser cannot reach the feature server itself)",
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
+                  "type": "object", "required": ["user_id", "item_id"],
+                  "properties": {"user_id": id_schema("external user id"), "item_id": id_schema("external item id")},
+                  }}}}},
+              responses={**{s: {"model": ClickAnswer, "description": f"the feature server's {s} answer"}
+                            for s in (401, 403, 413, 422, 503)},
+                         502: error("the feature server is unreachable")})
     async def api_click(request: Request) -> Response:
         try:
             creds = {k: v for k, v in request.headers.items() if k in CREDENTIALS}
@@ -94,7 +113,9 @@ def mount_inspector(app: FastAPI, service: RecallService, default_k: int, max_k:
             return _json({"detail": exc.detail}, exc.status)
         return _json(body, status)
 
-    @app.get("/ui/api/evaluation/recall_at_k.png", tags=tags, summary="HR@K plot of the latest evaluation report")
+    @app.get("/ui/api/evaluation/recall_at_k.png", tags=tags, summary="HR@K plot of the latest evaluation report",
+             response_class=FileResponse, responses={200: text("the plot", "image/png"),
+                                                     404: error("no evaluation plot under EVAL_DIR")})
     async def api_eval_plot() -> Response:
         plot = inspector.evaluation_plot()
         if plot is None:

@@ -15,7 +15,8 @@ COPY trainer ./trainer
 COPY services ./services
 COPY scripts ./scripts
 COPY config ./config
-RUN pip install . \
+# [ray]: the Ray engine, and `ray start` for the compose profile "ray" (ray-head, ray-worker; docs/scaling.md)
+RUN pip install .[ray] \
  && useradd --create-home --uid 10001 app \
  && mkdir -p /data/artifacts /data/run \
  && chown -R app:app /data /app

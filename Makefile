@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned, so nothing else pulls another (CUDA) build
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,ray]"  # ray: the Ray engine and its tests (tests/test_ray_engine.py)
 	@touch $@
 
 demo: setup  ## start everything on built-in synthetic data and show real /recall answers

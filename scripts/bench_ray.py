@@ -62,11 +62,87 @@ def bench_nightly(clicks: int, tower_epochs: int | None, timeout_s: float) -> st
     load0 = os.getloadavg()[0]
     with LocalRedis(aof=False) as redis_server:
         res["local"] = _nightly("local", data, config, redis_server.url, WORK / "ray-bench-local", None, timeout_s)
+        res["redis"] = redis_breakdown(redis_server.url)  # what one published nightly holds (docs/scaling.md)
         with LocalRayCluster(workers=1, cpus_per_node=1, object_store_mb=2048) as cluster:
             res["ray"] = _nightly("ray", data, config, redis_server.url, WORK / "ray-bench-ray", cluster.address,
                                   timeout_s)
+        res["equal"] = compare_lists(redis_server.url, config, res["local"]["summary"], res["ray"]["summary"])
     (WORK / f"ray-bench-{clicks}.json").write_text(json.dumps(res, indent=1, default=str))
     return render_nightly(clicks, tower_epochs, res, started, load0, os.getloadavg()[0])
+
+
+def compare_lists(url: str, config: Path, local: dict, on_ray: dict, batch: int = 5000) -> dict[str, str]:
+    """Every i2i / u2u list both runs published, compared value for value (both versions are kept: KEEP_VERSIONS
+    ≥ 2): 'identical (N keys)' or how many differ."""
+    from common.channel_config import load_config
+    from common.ids import load_id_map
+    from common.keyspace import Keyspace
+    from common.redis_conn import RedisStores
+    from common.settings import Settings
+    from trainer.publishing import nn_store
+
+    cfg = load_config(config)
+    stores = RedisStores(url, Keyspace.from_settings(Settings(redis_url=url)))
+    ks = stores.keyspace
+    out: dict[str, str] = {}
+    try:
+        items = list(range(len(load_id_map(stores, "item"))))
+        users = load_id_map(stores, "user").ids
+        for spec in cfg.enabled():
+            if spec.kind not in ("i2i", "u2u"):
+                continue
+            owner = cfg.get(spec.source or spec.name)
+            va, vb = local["versions"].get(owner.name), on_ray["versions"].get(owner.name)
+            if not va or not vb:
+                out[spec.name] = "not published by both"
+                continue
+            store = nn_store(owner, spec.kind)
+            key = ks.i2i if spec.kind == "i2i" else ks.u2u
+            ids = items if spec.kind == "i2i" else users
+            differ = present = 0
+            for lo in range(0, len(ids), batch):
+                part = ids[lo:lo + batch]
+                a = stores(store).mget([key(store, owner.name, va, k) for k in part])
+                b = stores(store).mget([key(store, owner.name, vb, k) for k in part])
+                differ += sum(x != y for x, y in zip(a, b, strict=True))
+                present += sum(x is not None for x in a)
+            if not present:
+                out[spec.name] = "no lists found"
+            else:
+                out[spec.name] = (f"identical ({present:,} lists)" if not differ
+                                  else f"{differ:,} of {len(ids):,} differ")
+    finally:
+        stores.close()
+    return out
+
+
+def redis_breakdown(url: str, sample: int = 300) -> dict:
+    """Redis memory by key family (ids and versions masked) over every db: keys, sampled bytes per key (MEMORY
+    USAGE of up to `sample` keys per family), estimated total MB; plus `used_memory` of INFO."""
+    import random
+    import re
+
+    import redis
+
+    mask = re.compile(r"\d{8}T\d{9}-[0-9a-f]{4}|\b\d+\b")
+    out: dict[str, dict] = {}
+    first = redis.Redis.from_url(url)
+    used = int(first.info("memory")["used_memory"])
+    dbs = [int(k[2:]) for k in first.info("keyspace")]
+    first.close()
+    for db in dbs:
+        r = redis.Redis.from_url(re.sub(r"/\d*$", "", url) + f"/{db}")  # the URL's db wins over db=
+        fams: dict[str, list[bytes]] = {}
+        for key in r.scan_iter(count=5000):
+            fams.setdefault(f"db{db} " + mask.sub("#", key.decode(errors="replace")), []).append(key)
+        for fam, keys in fams.items():
+            pick = random.Random(0).sample(keys, min(sample, len(keys)))
+            sizes = [r.memory_usage(k, samples=0) or 0 for k in pick]
+            per_key = sum(sizes) / max(1, len(sizes))
+            out[fam] = {"keys": len(keys), "bytes_per_key": round(per_key), "mb": round(per_key * len(keys) / 2**20, 1)}
+        r.close()
+    return {"used_memory_mb": round(used / 2**20, 1),
+            "families": dict(sorted(out.items(), key=lambda kv: -kv[1]["mb"]))}
 
 
 def render_nightly(clicks: int, tower_epochs: int | None, res: dict, started: datetime, load0: float,
@@ -109,7 +185,19 @@ def render_nightly(clicks: int, tower_epochs: int | None, res: dict, started: da
             f"not the seconds with other tables. Local: one process. Ray: the same nightly with `--engine ray` "
             f"against a local cluster of 2 nodes (`ray start` head + 1 worker, 1 CPU each); shipped config"
             + (f", two-tower {tower_epochs} epoch(s)" if tower_epochs is not None else "") + ".\n\n")
-    return head + "\n".join(rows) + "\n"
+    table = head + "\n".join(rows) + "\n"
+    if "redis" in res:
+        rb = res["redis"]
+        fams = [(k, v) for k, v in rb["families"].items() if v["mb"] >= 0.5]
+        table += (f"\nRedis after the local run (one published nightly): used_memory {rb['used_memory_mb']:,.0f} MB; "
+                  "largest key families (ids masked as #, sampled MEMORY USAGE):\n\n"
+                  "| key family | keys | bytes / key | MB |\n|---|---|---|---|\n"
+                  + "\n".join(f"| `{k}` | {v['keys']:,} | {v['bytes_per_key']:,} | {v['mb']:,.1f} |"
+                               for k, v in fams[:15]) + "\n")
+    eq = res.get("equal")
+    if eq:
+        table += "\nPublished lists, Ray vs local: " + ", ".join(f"{k} {v}" for k, v in eq.items()) + "\n"
+    return table
 
 
 def bench_tower(workers: int) -> str:

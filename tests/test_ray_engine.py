@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import os
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +80,24 @@ def wide(tmp_path_factory) -> TrainData:
     data = TrainData.from_frame(ds.interactions, ds.users, ds.items)
     assert data.n_items > itemcf.DENSE_MAX_ITEMS
     return data
+
+
+def test_an_unreachable_cluster_fails_the_engine_stage_fast(settings, tmp_path):
+    """Before any cluster fixture (this process is not yet a Ray driver): `ray.init` would retry for minutes."""
+    if ray.is_initialized():
+        pytest.skip("this process is already connected to a Ray cluster")
+    data_dir = write_synthetic(tmp_path / "data", n_users=50, n_items=30, n_clicks=400, progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    t = time.monotonic()
+    out = run_nightly(settings.model_copy(update={"ray_address": f"127.0.0.1:{port}"}), data_dir, progress=False,
+                      engine="ray")
+    assert time.monotonic() - t < 60
+    assert out["status"] == "failed" and [f["stage"] for f in out["failed"]] == ["engine"]
+    assert "unreachable" in out["failed"][0]["error"]
+    assert not [s for s in out["stages"] if s["stage"].startswith("fit:")]  # nothing fitted, nothing published
+    assert not ray.is_initialized()
 
 
 def test_cluster_has_the_head_and_the_worker_node(engine):

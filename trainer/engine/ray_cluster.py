@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 START_TIMEOUT_S = 90.0
+START_TRIES = 3  # attempts per worker node
 
 
 _TAKEN: set[int] = set()
@@ -69,11 +70,12 @@ class LocalRayCluster:
                      "false", "--dashboard-port", str(_free_port())]
         else:
             args += ["--address", self.address]
-        log = open(self.temp_dir / f"node-{n}.log", "wb")  # noqa: SIM115 - the process owns it until it ends
+        log = open(self._log(n), "ab")  # noqa: SIM115 - closed below, once the process has its own copy
         # no drain on SIGTERM (Ray waits up to 30 s for a node's leftover actors): stop() comes after the jobs
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
         env.pop("RAY_ADDRESS", None)
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        with log:
+            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         self.procs.append(proc)
         return proc
 
@@ -88,19 +90,38 @@ class LocalRayCluster:
         raise TimeoutError(f"ray start did not come up within {START_TIMEOUT_S:.0f} s:\n{log.read_text()[-3000:]}")
 
     def start(self) -> LocalRayCluster:
-        """Start the head and, as soon as its GCS listens, the worker nodes; returns when every node has started."""
+        """Start the head, then the worker nodes one after the other; returns when every node has started.
+
+        One node at a time: a node that starts while another is still coming up competes with it for the CPUs,
+        and Ray gives a starting raylet a fixed 30 s to register with the GCS (on 2 busy cores a first, cold start
+        can miss that: "The current node timed out during startup"). A worker node that fails to start is ended
+        (its whole process group) and started again on fresh ports, up to START_TRIES times."""
         try:
             head = self._node(True, 0)
-            self._wait(lambda: _listening(self.port), head, self.temp_dir / "node-0.log")
+            self._wait(lambda: _listening(self.port), head, self._log(0))
+            self._wait(self._started(0), head, self._log(0))
             for n in range(1, self.workers + 1):
-                self._node(False, n)
-            for n, proc in enumerate(self.procs):
-                log = self.temp_dir / f"node-{n}.log"
-                self._wait(lambda log=log: "Ray runtime started" in log.read_text(errors="replace"), proc, log)
+                for attempt in range(1, START_TRIES + 1):
+                    proc = self._node(False, n)
+                    try:
+                        self._wait(self._started(n), proc, self._log(n))
+                        break
+                    except (RuntimeError, TimeoutError):
+                        _end_group(proc.pid, signal.SIGKILL)
+                        proc.wait(timeout=10)
+                        self.procs.remove(proc)
+                        if attempt == START_TRIES:
+                            raise
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _log(self, n: int) -> Path:
+        return self.temp_dir / f"node-{n}.log"
+
+    def _started(self, n: int):
+        return lambda: "Ray runtime started" in self._log(n).read_text(errors="replace")
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """SIGTERM each `ray start --block` (it stops its raylet, GCS and workers), SIGKILL whatever is left of its

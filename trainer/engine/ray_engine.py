@@ -5,7 +5,7 @@
 | itemcf | map: forward pairs per item block; reduce: + transposed pieces, score, top-K per block | identical |
 | usercf | one task per run of user chunks (similarity rows + top-K) | identical |
 | item2vec | sessions cut per user range in tasks; gensim in one task | identical (one gensim worker) |
-| two_tower | Ray Train, N gloo workers, gradients all-reduced; user vectors precomputed in tasks | HR@50 within ±0.01 |
+| two_tower | Ray Train, N gloo workers, gradients averaged (ID-table rows all-gathered); user vectors precomputed in tasks | HR@50 within ±0.01 |
 | every embedding channel | i2i / u2u cosine lists: one index, query blocks searched in tasks | identical |
 | the rest | fit on the driver, as locally | identical |
 
@@ -38,6 +38,8 @@ class RayEngine:
         self.stats: dict[str, Any] = {}
         self._owns = False
         if not ray.is_initialized():
+            if address:
+                _check_reachable(address)
             t = time.perf_counter()
             ray.init(address=address or None, num_cpus=None if address else num_cpus, include_dashboard=False,
                      logging_level=logging.WARNING, log_to_driver=False, configure_logging=False)
@@ -55,7 +57,7 @@ class RayEngine:
         import ray
 
         res = ray.cluster_resources()
-        return {"name": self.name, "address": self.address or "local", "nodes": len(ray.nodes()),
+        return {"name": self.name, "address": self.address or "local", "nodes": sum(1 for n in ray.nodes() if n["Alive"]),
                 "cpus": int(res.get("CPU", 0)), "memory_gb": round(res.get("memory", 0) / 2**30, 1),
                 "shards": self.shards, "train_workers": self.train_workers, "connect_s": self.connect_s}
 
@@ -111,3 +113,22 @@ class RayEngine:
             ray.shutdown()
         self._shipped = self._view = None
         self._data_key = None
+
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+def _check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail fast when the head's GCS port does not answer (`ray.init` itself retries for minutes). Only plain
+    host:port addresses are checked; `auto` and `ray://` client addresses are left to Ray."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise ConnectionError(f"Ray cluster at {address} is unreachable ({exc}): start it (docs/scaling.md) or set "
+                              f"RAY_ADDRESS / --ray-address") from exc

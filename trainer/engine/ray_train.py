@@ -3,7 +3,8 @@
 Every worker rebuilds the TrainData from the object store (trainer/engine/ray_data.py), builds the channel under
 the same seed and runs its unchanged `fit` inside `trainer.nn.loop.data_parallel`: the same global batches in the
 same order on every worker, each worker computes the loss of its share of each batch, and the gradients are
-averaged by an all-reduce before every optimiser step, so the model sees the local batch size and step count.
+averaged across the workers before every optimiser step (dense ones all-reduced, the touched rows of sparse ID tables
+all-gathered: trainer.nn.loop.DataParallel), so the model sees the local batch size and step count.
 Rank 0 hands the fitted channel back through a small actor (no shared storage needed); the user vectors are then
 precomputed in sharded tasks (trainer/engine/ray_neighbors.py) instead of by one worker.
 """

@@ -194,6 +194,34 @@ def test_mining_starts_after_the_warm_up_from_the_previous_epoch(fitted):
     assert np.isfinite(fitted.losses).all() and fitted.losses[-1] < fitted.losses[0]
 
 
+@pytest.mark.parametrize("knn, hard", [(3, 2), (0, 2), (3, 0)])
+def test_the_loss_gets_knn_positives_and_hard_negatives_only_after_the_warm_up(data, monkeypatch, knn, hard):
+    """Every contrastive call of the warm-up is plain NT-Xent; every later one carries the miner's kNN positives
+    (a [N, N] mask with some true entries) and hard negatives ([N, m, d]) unless that part is switched off."""
+    import trainer.channels.mic as mic_module
+
+    calls: list[tuple[bool, bool, bool]] = []
+    real = mic_module.nt_xent
+
+    def spy(z1, z2, tau, extra=None, weight=1.0, hard_vecs=None, usable=None):
+        calls.append((extra is not None and bool(extra.any()), hard_vecs is not None and hard_vecs.shape[1] == hard,
+                      z1.shape != z2.shape or not torch.equal(z1, z2)))
+        return real(z1, z2, tau, extra, weight, hard_vecs, usable)
+
+    monkeypatch.setattr(mic_module, "nt_xent", spy)
+    epochs, warmup = 3, 1
+    ch = registry.build(ChannelSpec(name="m", kind="u2i", model="mic", params={
+        **FAST, "epochs": epochs, "warmup_epochs": warmup, "knn_positives": knn, "hard_negatives": hard}))
+    ch.fit(data)
+    per_epoch = len(calls) // epochs  # two calls (u2u, i2i) per step, the same steps every epoch
+    assert per_epoch > 0 and len(calls) == per_epoch * epochs
+    warm, mined = calls[:per_epoch * warmup], calls[per_epoch * warmup:]
+    assert not any(e or h for e, h, _ in warm), "mining used during the warm-up"
+    assert all(h == (hard > 0) for _, h, _ in mined), "hard negatives missing (or present when off)"
+    assert any(e for e, _, _ in mined) == (knn > 0) and all(not e for e, _, _ in mined) == (knn == 0)
+    assert all(differ for *_, differ in calls), "the two views of a contrastive call are identical"
+
+
 # -- what it learns and publishes ---------------------------------------------------------------------------
 
 

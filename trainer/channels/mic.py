@@ -32,7 +32,9 @@ from trainer.nn.views import mask_ids, perturb
 
 
 class MicParams(BaseModel):
-    """Backbone settings are the two-tower channel's defaults; the contrastive ones were chosen on ml-100k validation."""
+    """Backbone settings are the two-tower channel's defaults. The contrastive ones give the best i2i lists on the
+    ml-100k validation split; the u2i alone scores best there without the contrastive losses (the backbone) and
+    `u2u_weight: 0` (i2i contrast only) scores best on the mean of the three channels (docs/channels.md, "MIC")."""
 
     model_config = ConfigDict(extra="forbid")
     emb_dim: int = Field(64, ge=2, le=1024, description="embedding size of every input field")

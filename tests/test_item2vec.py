@@ -96,3 +96,12 @@ def test_deterministic_with_seed_and_registered(data):
     assert registry.models()["item2vec"] is Item2VecChannel
     with pytest.raises(ValueError):
         Item2VecChannel(ChannelSpec(name="x", kind="i2i", model="item2vec", params={"window": 0}))
+
+
+def test_scale_rule_bounds_the_tokens_trained():
+    from trainer.channels.item2vec import scaled_epochs
+
+    assert scaled_epochs(10, 99_000, 3_000_000) == 10  # ml-100k: unchanged
+    assert scaled_epochs(10, 800_000, 3_000_000) == 3  # ~1M clicks
+    assert scaled_epochs(10, 9_000_000, 3_000_000) == 1  # never less than one epoch
+    assert scaled_epochs(10, 9_000_000, None) == 10

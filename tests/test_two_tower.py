@@ -295,3 +295,27 @@ def test_registered_user_without_interactions_is_served_as_unknown():
     assert cold == 0 and not np.allclose(run(tower, meta, 1, None, recent), run(tower, meta, -1, None, recent))
     no_history = run(tower, meta, -1, None, [])
     np.testing.assert_allclose(art.user_vectors[cold], no_history, atol=1e-6)
+
+
+def test_scale_rule_bounds_the_examples_seen():
+    from trainer.channels.two_tower import scaled_epochs
+
+    assert scaled_epochs(7, 99_000, 1_000_000) == 7  # ml-100k: unchanged
+    assert scaled_epochs(7, 300_000, 1_000_000) == 3
+    assert scaled_epochs(7, 866_356, 1_000_000) == 1  # 1M clicks: one epoch
+    assert scaled_epochs(7, 9_751_755, 1_000_000) == 1  # never less than one
+    assert scaled_epochs(7, 9_751_755, None) == 7
+    assert scaled_epochs(7, 0, 1_000_000) == 7
+
+
+def test_lazy_tables_learn_planted_clusters(data):
+    from trainer.nn.warm_start import LazyAdam
+
+    ch = fit(data, lazy_tables_above=0, max_examples=len(data.item_idx) * 20)
+    assert ch.epochs_run == 20
+    opts = ch.optimizer
+    assert isinstance(opts, list) and isinstance(opts[0], LazyAdam) and not isinstance(opts[1], LazyAdam)
+    tables = {id(p) for g in opts[0].param_groups for p in g["params"]}
+    assert id(ch.user_tower.user_emb.weight) in tables and id(ch.item_tower.item_emb.weight) in tables
+    assert cluster_precision(ch, data) > 0.8
+    assert fit(data, lazy_tables_above=None, max_examples=1).epochs_run == 1

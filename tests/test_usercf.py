@@ -181,3 +181,52 @@ def test_small_chunks_give_identical_results(monkeypatch):
     a, b = want.artifacts(data)["u2u"], got.artifacts(data)["u2u"]
     np.testing.assert_array_equal(a.neighbors, b.neighbors)
     np.testing.assert_array_equal(a.scores, b.scores)
+
+
+def test_item_user_cap_keeps_each_items_most_recent_users():
+    # item a: u1 at t=100, u2 and u4 at t=200 (tie: smaller user index first), u3 at t=300; cap 2 keeps u3, u2
+    df = pd.DataFrame({"user_id": ["u1", "u2", "u3", "u4"], "item_id": ["a"] * 4,
+                       "timestamp": [100, 200, 300, 200]})
+    got = sims(*fit(df, max_item_users=2))
+    p = 1 / log(5)  # the item penalty counts all 4 users of a, not the 2 kept
+    want = {("u1", "u3"): p, ("u1", "u2"): p, ("u2", "u3"): p, ("u3", "u2"): p, ("u4", "u3"): p, ("u4", "u2"): p}
+    assert got.keys() == want.keys()
+    for key, val in want.items():
+        assert got[key] == pytest.approx(val, rel=1e-6)
+    # without the cap, every pair
+    assert len(sims(*fit(df, max_item_users=None))) == 12
+
+
+def test_item_user_cap_bounds_the_work_per_user():
+    from trainer.channels.usercf import UserCFParams, prepare
+
+    rng = np.random.default_rng(3)
+    hist = {f"u{u}": (rng.choice(8, size=rng.integers(1, 6), replace=False) + 1).tolist() for u in range(300)}
+    data = TrainData.from_frame(frame(hist))
+    prep = prepare(data, UserCFParams(**{**PLAIN, "max_item_users": 10}))
+    assert np.diff(prep.xt_w.indptr).max() == 10
+    lengths = np.diff(prep.x.indptr)
+    assert (np.diff(np.r_[0, prep.work]) <= 10 * lengths).all()
+
+
+@pytest.mark.parametrize("params", [dict(max_item_users=None), dict(max_item_users=3),
+                                    dict(normalization="cosine", max_item_users=5, region_weight=2.0)])
+def test_compiled_rows_equal_the_sparse_product(params):
+    from trainer.channels.usercf import (
+        UserCFParams,
+        chunk_bounds,
+        prepare,
+        similarity_rows,
+        similarity_rows_scipy,
+    )
+
+    rng = np.random.default_rng(11)
+    hist = {f"u{u}": (rng.choice(30, size=rng.integers(1, 12), replace=False) + 1).tolist() for u in range(80)}
+    regions = {u: [str(rng.integers(3))] * len(h) for u, h in hist.items()}
+    data = TrainData.from_frame(frame(hist, regions))
+    prep = prepare(data, UserCFParams(**{**PLAIN, "top_k": 6, **params}))
+    for a, b in chunk_bounds(prep):
+        got, want = similarity_rows(prep, a, b), similarity_rows_scipy(prep, a, b)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        assert got[2] == want[2]

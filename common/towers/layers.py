@@ -59,6 +59,7 @@ def attr_embeddings(attrs: torch.Tensor, n_attrs: int, starts: torch.Tensor, tab
     return table(attrs[:, :n_attrs].clamp(min=0) + starts.unsqueeze(0))
 
 
-def masked_mean(ids: torch.Tensor, table: torch.Tensor, pad: int) -> torch.Tensor:
-    """Mean of `table` rows over each row of `ids` [B, R], leaving `pad` out (an all-padding row gives zeros)."""
-    return F.embedding_bag(ids, table, mode="mean", padding_idx=pad)
+def masked_mean(ids: torch.Tensor, table: torch.Tensor, pad: int, sparse: bool = False) -> torch.Tensor:
+    """Mean of `table` rows over each row of `ids` [B, R], leaving `pad` out (an all-padding row gives zeros).
+    `sparse`: the gradient of `table` holds the rows used only (for a row-sparse optimiser over a big table)."""
+    return F.embedding_bag(ids, table, mode="mean", padding_idx=pad, sparse=sparse)

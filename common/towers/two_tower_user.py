@@ -57,7 +57,7 @@ class UserTower(Tower):
         if self.n_attrs > 0:
             fields.extend(attr_embeddings(attrs, self.n_attrs, self.attr_offsets, self.attr_emb).unbind(1))
         rec = clamp_ids(recent, self.n_items)
-        fields.append(masked_mean(rec, self.item_emb.weight, self.n_items))
+        fields.append(masked_mean(rec, self.item_emb.weight, self.n_items, sparse=self.item_emb.sparse))
         if self.recent_last:  # the newest item on its own (recent is newest first; padding row is zero)
             fields.append(self.item_emb(rec[:, 0]))
         x = self.senet(torch.stack(fields, dim=1))

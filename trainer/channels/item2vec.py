@@ -46,6 +46,9 @@ class Item2VecParams(BaseModel):
     negatives_power: float = Field(0.75, ge=-2, le=2, description="negatives drawn ∝ count^negatives_power")
     sample: float = Field(1e-3, ge=0, le=1, description="frequent-item subsampling threshold (0 = off)")
     epochs: int = Field(10, ge=1, le=1000)
+    max_examples: int | None = Field(3_000_000, ge=1, description="scale rule: at most this many session tokens "
+                                     "trained per fit, in whole epochs (epochs = clamp(max_examples // tokens, 1, "
+                                     "epochs)); None = always `epochs` (docs/channels.md)")
     lr: float = Field(0.025, gt=0, le=1, description="initial learning rate (decays linearly to lr/1000)")
     min_count: int = Field(1, ge=1)
     session_gap_s: int | None = Field(1800, ge=0, description="gap that starts a new session; null = whole history")
@@ -54,15 +57,25 @@ class Item2VecParams(BaseModel):
     workers: int = Field(1, ge=1, le=64, description=">1 is faster but not reproducible")
 
 
+def scaled_epochs(epochs: int, n_examples: int, max_examples: int | None) -> int:
+    """The scale rule: whole epochs, at most `epochs`, at least one, and no more than `max_examples` examples in all
+    where one epoch fits (ml-100k keeps its 10 epochs; a 1M-click log gets 3, 10M clicks 1)."""
+    if max_examples is None or n_examples == 0:
+        return epochs
+    return max(1, min(epochs, max_examples // n_examples))
+
+
 def train_word2vec(sentences: list[list[str]], p: Item2VecParams, seed: int, progress: bool = False
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """gensim skip-gram on the sentences: (item indices, their vectors)."""
+    """gensim skip-gram on the sentences: (item indices, their vectors); epochs by the scale rule."""
     from gensim.models import Word2Vec  # heavy import, only when fitting
+
+    epochs = scaled_epochs(p.epochs, sum(len(s) for s in sentences), p.max_examples)
 
     logging.getLogger("gensim").setLevel(logging.INFO if progress else logging.WARNING)
     w2v = Word2Vec(sentences=sentences, vector_size=p.dim, window=p.window, min_count=p.min_count,
                    sg=1, hs=0, negative=p.num_negatives, ns_exponent=p.negatives_power, sample=p.sample,
-                   epochs=p.epochs, alpha=p.lr, min_alpha=p.lr * 1e-3, seed=seed,
+                   epochs=epochs, alpha=p.lr, min_alpha=p.lr * 1e-3, seed=seed,
                    workers=p.workers, hashfxn=_crc_hash, sorted_vocab=True, shrink_windows=p.shrink_windows)
     return np.array([int(k) for k in w2v.wv.index_to_key], dtype=np.int64), w2v.wv.vectors
 

@@ -53,16 +53,27 @@ class ItemCF(Channel):
         prep = prepare(data, p)
         n = data.n_items
         if prep.plain:
-            co = product_rows(prep, 0, n)
+            co, co_t = product_rows(prep, 0, n), None
         else:
+            # forward pairs (i earlier, j later); the backward ones are its transpose, added row block by row block
             co = pair_rows(prep, 0, n, progress=progress)
-            # co holds forward pairs (i earlier, j later); the backward ones are its transpose
-            co = (p.forward_weight * co + p.backward_weight * co.T).tocsr()
-            co.eliminate_zeros()
-        co = score_rows(co, 0, prep)
+            co_t = co.T.tocsr()
+        nb = np.full((n, p.top_k), -1, np.int32)
+        sc = np.zeros((n, p.top_k), np.float32)
+        nnz = 0
+        # the symmetric sum, the scores and the top-k one block of rows at a time: one copy of the co-occurrence
+        # at a time besides `co` and its transpose, not the four of the whole-matrix expression (peak memory)
+        for lo, hi in tqdm(row_blocks(co.indptr), desc="itemcf top-k", disable=not progress, leave=False):
+            if co_t is None:
+                blk = co[lo:hi]
+            else:
+                blk = (p.forward_weight * co[lo:hi] + p.backward_weight * co_t[lo:hi]).tocsr()
+                blk.eliminate_zeros()
+            blk = score_rows(blk, lo, prep)
+            nnz += blk.nnz
+            nb[lo:hi], sc[lo:hi] = sparse_top_k(blk, p.top_k, self_offset=lo)
         self.n_pairs = prep.n_pairs
-        self.stats = {"interactions_used": int(len(prep.items)), "pairs": int(self.n_pairs), "nnz": int(co.nnz)}
-        nb, sc = sparse_top_k(co, p.top_k, progress=progress, desc="itemcf top-k")
+        self.stats = {"interactions_used": int(len(prep.items)), "pairs": int(self.n_pairs), "nnz": int(nnz)}
         self._artifacts = {"i2i": NeighborArtifact(nb, sc)}
 
     def build_artifacts(self, data: TrainData) -> Artifacts:
@@ -124,6 +135,17 @@ def prepare(data: TrainData, p: ItemCFParams) -> ItemCFInputs:
         n_pairs = int(2 * per_d.sum())
     return ItemCFInputs(p, n, data.n_users, items, ts, uid, user_w[uid], remaining, max_d, plain,
                         frozenset(flush_after), np.bincount(items, minlength=n).astype(np.float64), cat, n_pairs)
+
+
+def row_blocks(indptr: np.ndarray, budget: int = PAIR_BUFFER) -> list[tuple[int, int]]:
+    """Consecutive row ranges of a CSR matrix holding about `budget` non-zeros each (at least one row)."""
+    n = len(indptr) - 1
+    bounds = [0]
+    while bounds[-1] < n:
+        start = bounds[-1]
+        stop = int(np.searchsorted(indptr, indptr[start] + budget, side="right")) - 1
+        bounds.append(min(n, max(stop, start + 1)))
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def product_rows(prep: ItemCFInputs, lo: int, hi: int) -> sp.csr_matrix:

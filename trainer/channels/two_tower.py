@@ -36,13 +36,11 @@ from trainer.nn.negatives import (
 )
 from trainer.nn.towers import ItemTower
 from trainer.nn.warm_start import (
+    LazyAdam,
     RowTable,
     WarmState,
-    encoding_meta,
     estimator_tensors,
-    extend_codes,
     load_estimator,
-    restore_encoding,
 )
 
 
@@ -78,6 +76,9 @@ class TwoTowerParams(BaseModel):
     pos_subsample: float = Field(0.0, ge=0, le=1, description="word2vec-style down-sampling of popular positives "
                                  "(threshold on item frequency; 0 = off)")
     epochs: int = Field(7, ge=1, le=1000)
+    max_examples: int | None = Field(1_000_000, ge=1, description="scale rule: at most this many training examples "
+                                     "per fit, in whole epochs (epochs = clamp(max_examples // interactions, 1, "
+                                     "epochs)); None = always `epochs` (docs/channels.md)")
     batch_size: int = Field(512, ge=2, le=65536)
     lr: float = Field(0.003, gt=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
@@ -85,12 +86,23 @@ class TwoTowerParams(BaseModel):
     freq_hashes: int = Field(2, ge=1, le=8)
     freq_alpha: float = Field(0.01, gt=0, le=1)
     num_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads while fitting")
+    lazy_tables_above: int | None = Field(1_000_000, ge=0, description="ID tables of more than this many weights "
+                                          "((users + items) × emb_dim) train with a row-sparse (lazy) Adam, the "
+                                          "other weights with Adam; None = dense Adam always (docs/channels.md)")
 
     @model_validator(mode="after")
     def _check(self) -> TwoTowerParams:
         if self.hard_to <= self.hard_from:
             raise ValueError("hard_to must be > hard_from")
         return self
+
+
+def scaled_epochs(epochs: int, n_examples: int, max_examples: int | None) -> int:
+    """The scale rule: whole epochs, at most `epochs`, at least one, and no more than `max_examples` examples in all
+    where one epoch fits (ml-100k's 7 × ~99k stay as they are; 1M clicks and beyond: one epoch)."""
+    if max_examples is None or n_examples == 0:
+        return epochs
+    return max(1, min(epochs, max_examples // n_examples))
 
 
 class TwoTowerChannel(WarmTowerChannel):
@@ -143,9 +155,10 @@ class TwoTowerChannel(WarmTowerChannel):
     # -- training ---------------------------------------------------------------------------------
     def fit(self, data: TrainData, progress: bool = False) -> None:
         p: TwoTowerParams = self.params
-        self.loop_config = LoopConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
-                                      seed=self.seed, num_threads=p.num_threads, min_batch=2, progress=progress,
-                                      desc="two_tower")
+        self.epochs_run = scaled_epochs(p.epochs, len(data.item_idx), p.max_examples)
+        self.loop_config = LoopConfig(epochs=self.epochs_run, batch_size=p.batch_size, lr=p.lr,
+                                      weight_decay=p.weight_decay, seed=self.seed, num_threads=p.num_threads,
+                                      min_batch=2, progress=progress, desc="two_tower")
         with seeded(self.seed, p.num_threads) as rng:
             self._artifacts = None
             self._prepare(data)
@@ -163,8 +176,7 @@ class TwoTowerChannel(WarmTowerChannel):
         estimator = warm.estimator if warm else StreamingFrequencyEstimator(p.freq_hash_size, p.freq_hashes,
                                                                             p.freq_alpha, seed=self.seed)
         if warm is None:
-            params = unique_parameters(self.user_tower, self.item_tower) + ([self.bias] if p.loss == "pointwise" else [])
-            opt = adam(params, self.loop_config)
+            opt = self._optimizers(data)
         else:
             opt = warm.optimizer
         self.optimizer, self.estimator = opt, estimator  # the state an incremental update carries on
@@ -225,6 +237,22 @@ class TwoTowerChannel(WarmTowerChannel):
         history = train_loop(batch_loss, examples, opt, self.loop_config, rng, modules=modules)
         self.losses = history.losses
 
+    def _optimizers(self, data: TrainData) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
+        """Adam over every weight; with large ID tables (`lazy_tables_above`), LazyAdam over the tables (only the rows
+        a batch touched step, so a step costs O(batch), not O(users + items)) and Adam over the rest."""
+        p: TwoTowerParams = self.params
+        params = unique_parameters(self.user_tower, self.item_tower) + ([self.bias] if p.loss == "pointwise" else [])
+        if p.lazy_tables_above is None or (data.n_users + data.n_items) * p.emb_dim <= p.lazy_tables_above:
+            return adam(params, self.loop_config)
+        # sparse gradients: only the batch's rows (data-parallel all-gathers those rows: trainer/nn/loop.DataParallel)
+        self.user_tower.user_emb.sparse = True
+        self.item_tower.item_emb.sparse = True
+        tables = unique_parameters([self.user_tower.user_emb.weight, self.item_tower.item_emb.weight,
+                                    self.user_tower.item_emb.weight])
+        table_ids = {id(t) for t in tables}
+        rest = [q for q in params if id(q) not in table_ids]
+        return [LazyAdam(tables, lr=p.lr, weight_decay=p.weight_decay), adam(rest, self.loop_config)]
+
     # -- export -----------------------------------------------------------------------------------
     def export_user_tower(self, data: TrainData) -> tuple[bytes, dict[str, Any]]:
         """(state-dict bytes, user_tower_meta): arch "two_tower_user", its hparams and the input meta."""
@@ -259,18 +287,11 @@ class TwoTowerChannel(WarmTowerChannel):
 
     def warm_extra(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The pointwise bias, the logQ frequency estimator, the attribute codes and vocabularies."""
-        tensors = {"bias": self.bias.detach(), "user_attr_codes": torch.as_tensor(self.user_attr_codes),
-                   "item_attr_codes": torch.as_tensor(self.item_enc.codes), **estimator_tensors(self.estimator)}
-        return tensors, {"user_fields": encoding_meta(self.user_enc), "item_fields": encoding_meta(self.item_enc)}
+        tensors, meta = self.attrs_checkpoint()
+        return {"bias": self.bias.detach(), **tensors, **estimator_tensors(self.estimator)}, meta
 
     def warm_prepare(self, data: TrainData, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        n_u0, n_i0 = int(meta["n_users"]), int(meta["n_items"])
-        self.user_attr_codes = extend_codes(tensors["user_attr_codes"].numpy(), n_u0, data.n_users, data.user_attrs,
-                                            meta["user_fields"], tail=1)
-        self.user_enc = restore_encoding(meta["user_fields"], self.user_attr_codes, data.n_users)
-        codes = extend_codes(tensors["item_attr_codes"].numpy(), n_i0, data.n_items, data.item_attrs,
-                             meta["item_fields"])
-        self.item_enc = restore_encoding(meta["item_fields"], codes, data.n_items)
+        self.restore_attrs(data, tensors, meta)
 
     def warm_build(self, data: TrainData, tensors: dict[str, torch.Tensor]) -> None:
         self._build_model(data)
@@ -287,9 +308,6 @@ class TwoTowerChannel(WarmTowerChannel):
 
     def encode_item_rows(self, data: TrainData, items: np.ndarray) -> np.ndarray:
         return self._encode_items(items)
-
-    def encode_user_rows(self, data: TrainData, users: np.ndarray) -> np.ndarray:
-        return self.encode_users(data, users)
 
     @torch.no_grad()
     def _encode_items(self, items: np.ndarray) -> np.ndarray:

@@ -13,10 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from trainer.channels.base import Artifacts, Channel, NeighborArtifact
+from trainer.channels.cf_kernels import usercf_rows
 from trainer.channels.neighbors import capped_histories, sparse_top_k
 from trainer.data.train_data import TrainData
 
-# Upper bound on the entries of one chunk's user × user product (bounds memory).
+# Upper bound on the products of one chunk of users (Σ over its users' items of the users kept per item): chunks
+# pace the progress bar and are the Ray engine's tasks; the compiled rows need O(users) memory whatever the chunk.
 CHUNK_BUDGET = 1 << 23
 
 
@@ -50,6 +52,9 @@ class UserCFParams(BaseModel):
     beta: float = Field(0.9, ge=0, le=1, description="activity exponent of the 'power' normalisation")
     max_history: int | None = Field(20, ge=1, description="only each user's last max_history items (None: all)")
     region_weight: float = Field(1.0, ge=0, description="multiplier for same-region user pairs; 1 = off")
+    max_item_users: int | None = Field(200, ge=1, description="neighbour candidates through one item: only its "
+                                       "max_item_users most recent users (bounds the cost of popular items, linear "
+                                       "in users; None: all; docs/channels.md)")
 
 
 class UserCF(Channel):
@@ -96,13 +101,26 @@ class UserCFInputs:
 
 
 def prepare(data: TrainData, p: UserCFParams) -> UserCFInputs:
-    """The capped histories as matrices, and what the similarity of any chunk of users needs."""
-    items, _, uid, _, lengths = capped_histories(data, p.max_history)
+    """The capped histories as matrices, and what the similarity of any chunk of users needs. The item side (`xt_w`)
+    keeps each item's `max_item_users` most recent users (latest click on it first, then the smaller user index)."""
+    items, ts, uid, _, lengths = capped_histories(data, p.max_history)
     n_users, n_items = data.n_users, data.n_items
     item_counts = np.bincount(items, minlength=n_items)
     item_w = 1.0 / np.log1p(np.maximum(item_counts, 1)) if p.item_penalty else np.ones(n_items)
     x = sp.csr_matrix((np.ones(len(items)), (uid, items)), shape=(n_users, n_items))
-    xt_w = (x @ sp.diags(item_w)).T.tocsr()  # items × users, weighted
+    x.sum_duplicates()
+    cap = p.max_item_users
+    if cap is not None and len(items) and int(item_counts.max()) > cap:
+        order = np.lexsort((uid, -ts, items))  # by item, most recent first, then user
+        first = np.searchsorted(items[order], items[order], side="left")
+        keep = order[np.arange(len(order)) - first < cap]
+        sample = sp.csr_matrix((np.ones(len(keep)), (uid[keep], items[keep])), shape=(n_users, n_items))
+        sample.sum_duplicates()
+        col_counts = np.minimum(item_counts, cap)
+    else:
+        sample, col_counts = x, item_counts
+    xt_w = (sample @ sp.diags(item_w)).T.tocsr()  # items × users, weighted
+    xt_w.sort_indices()
     if p.normalization == "power":
         row_norm = lengths.astype(np.float64) ** p.beta
         col_norm = lengths.astype(np.float64) ** (1.0 - p.beta)
@@ -110,7 +128,7 @@ def prepare(data: TrainData, p: UserCFParams) -> UserCFInputs:
         mass = np.asarray(x @ item_w).ravel()
         row_norm = col_norm = np.sqrt(mass)
     region = user_regions(data) if p.region_weight != 1.0 else None
-    work = np.cumsum(np.asarray(x @ item_counts.astype(np.float64)).ravel())
+    work = np.cumsum(np.asarray(x @ col_counts.astype(np.float64)).ravel())
     return UserCFInputs(p, x, xt_w, row_norm, col_norm, region, work, int(len(items)))
 
 
@@ -127,7 +145,20 @@ def chunk_bounds(prep: UserCFInputs) -> list[tuple[int, int]]:
 
 
 def similarity_rows(prep: UserCFInputs, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Top-k neighbours of users [start, stop): (ids, scores, non-zeros of their similarity rows)."""
+    """Top-k neighbours of users [start, stop): (ids, scores, non-zeros of their similarity rows). Compiled
+    (trainer/channels/cf_kernels.py): the same lists as `similarity_rows_scipy`, without sorting every non-zero."""
+    p = prep.params
+    x, t = prep.x, prep.xt_w
+    region = prep.region if prep.region is not None else np.zeros(0, np.int64)
+    ids, scores, nnz = usercf_rows(x.indptr, x.indices, x.data, t.indptr, t.indices, t.data,
+                                   np.ascontiguousarray(prep.row_norm, np.float64),
+                                   np.ascontiguousarray(prep.col_norm, np.float64), region.astype(np.int64),
+                                   float(p.region_weight), int(start), int(stop), int(p.top_k))
+    return ids, scores, int(nnz)
+
+
+def similarity_rows_scipy(prep: UserCFInputs, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """`similarity_rows` as a scipy sparse product and a sort of its non-zeros (the reference the kernel matches)."""
     p = prep.params
     s = (prep.x[start:stop] @ prep.xt_w).tocsr()
     s.sum_duplicates()

@@ -124,25 +124,74 @@ class DataParallel:
                 dist.broadcast(p.data, src=0)
 
     def average_gradients(self, params: Sequence[nn.Parameter], loss: torch.Tensor) -> float:
-        """Average every gradient (and the loss) across ranks in one all-reduce; a parameter without a gradient on
+        """Average every gradient (and the loss) across ranks: dense gradients in one all-reduce, row-sparse ones
+        (embeddings with `sparse=True`) by all-gathering the rows each rank touched, so a step moves O(batch) rows,
+        not whole ID tables. Four collectives per step whatever the number of parameters (what they are and how
+        many rows each rank has; the dense all-reduce; the rows; their values). A parameter without a gradient on
         every rank keeps none (the optimiser skips it, as in one process). Returns the mean loss."""
         import torch.distributed as dist
 
-        has = torch.tensor([p.grad is not None for p in params] + [True], dtype=torch.float32)
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
-                         + [loss.detach().reshape(1).to(torch.float32)])
-        dist.all_reduce(has, op=dist.ReduceOp.MAX)
+        n = len(params)
+        grads = [None if p.grad is None else p.grad.coalesce() if p.grad.is_sparse else p.grad for p in params]
+        meta = torch.tensor([0 if g is None else 2 if g.is_sparse else 1 for g in grads]
+                            + [g._nnz() if g is not None and g.is_sparse else 0 for g in grads], dtype=torch.int64)
+        every = [torch.empty_like(meta) for _ in range(self.world)]
+        dist.all_gather(every, meta)
+        table = torch.stack(every)  # ranks × (kinds, row counts)
+        kind = table[:, :n].max(0).values.tolist()
+        counts = table[:, n:]
+        dense = [j for j in range(n) if kind[j] == 1]
+        flat = torch.cat([(grads[j] if grads[j] is not None else torch.zeros_like(params[j])).reshape(-1)
+                          for j in dense] + [loss.detach().reshape(1).to(torch.float32)])
         dist.all_reduce(flat)
         flat /= self.world
         at = 0
-        for p, h in zip(params, has.tolist(), strict=False):
-            n = p.numel()
-            p.grad = flat[at:at + n].view_as(p).clone() if h else None
-            at += n
+        for j in dense:
+            size = params[j].numel()
+            params[j].grad = flat[at:at + size].view_as(params[j]).clone()
+            at += size
+        sparse = [j for j in range(n) if kind[j] == 2]
+        if sparse:
+            self._average_sparse([params[j] for j in sparse], [grads[j] for j in sparse], counts[:, sparse])
         return float(flat[-1])
+
+    def _average_sparse(self, params: Sequence[nn.Parameter], grads: list, counts: torch.Tensor) -> None:
+        """Row-sparse gradients: every rank's rows and values (each parameter padded to its longest rank) in one
+        all-gather each, summed per row, / world. `counts`: ranks × params, the rows each rank holds."""
+        import torch.distributed as dist
+
+        most = counts.max(0).values.tolist()
+        idx, val = [], []
+        for p, g, m in zip(params, grads, most, strict=True):
+            row = p[0].numel()
+            i = g.indices()[0] if g is not None else torch.zeros(0, dtype=torch.int64)
+            v = g.values().reshape(-1) if g is not None else p.new_zeros(0)
+            idx += [i, i.new_zeros(m - len(i))]
+            val += [v.to(torch.float32), v.new_zeros((m - len(i)) * row, dtype=torch.float32)]
+        idx_t, val_t = torch.cat(idx), torch.cat(val)
+        idxs = [torch.empty_like(idx_t) for _ in range(self.world)]
+        vals = [torch.empty_like(val_t) for _ in range(self.world)]
+        dist.all_gather(idxs, idx_t)
+        dist.all_gather(vals, val_t)
+        at_i = at_v = 0
+        for j, (p, m) in enumerate(zip(params, most, strict=True)):
+            row = p[0].numel()
+            keep = counts[:, j].tolist()
+            rows = torch.cat([r[at_i:at_i + k] for r, k in zip(idxs, keep, strict=True)])
+            values = torch.cat([v[at_v:at_v + k * row] for v, k in zip(vals, keep, strict=True)])
+            p.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), (values / self.world).to(p.dtype).view(-1, *p.shape[1:]),
+                                             p.shape, check_invariants=False).coalesce()
+            at_i += m
+            at_v += m * row
 
 
 _DATA_PARALLEL: ContextVar[DataParallel | None] = ContextVar("data_parallel", default=None)
+
+
+def in_data_parallel() -> bool:
+    """Whether `train_loop` runs data-parallel here (inside `data_parallel`): gradients are then averaged across
+    ranks (`DataParallel.average_gradients`)."""
+    return _DATA_PARALLEL.get() is not None
 
 
 @contextmanager

@@ -12,6 +12,7 @@ from common.ids import IdMap
 from tests.channel_contract import ChannelContract
 from trainer.channels import registry
 from trainer.channels.airbnb import AirbnbChannel, session_corpus, side_info_neighbors
+from trainer.data.sessions import tie_groups
 from trainer.data.train_data import TrainData
 from trainer.nn.negatives import PowerSampler
 from trainer.nn.skipgram import draw_negatives, epoch_pairs, sequence_membership
@@ -73,6 +74,34 @@ def test_global_context_pairs_are_the_conversion_for_every_other_session_item(da
     tail = sorted(zip(names(data, c[-5:]), names(data, o[-5:]), strict=True))
     assert tail == sorted(got)
     assert ("a1", "a3") not in set(zip(names(data, c[:-5]), names(data, o[:-5]), strict=True))  # outside window 1
+
+
+def test_shuffled_ties_reorder_only_inside_a_tie_group_and_afresh_per_copy():
+    rows = [("u0", "a1", 0, "click"), ("u0", "a2", 60, "click"), ("u0", "a3", 60, "click"),
+            ("u0", "a4", 60, "click"), ("u0", "a5", 60, "click"), ("u0", "a6", 120, "like")]
+    d = TrainData.from_frame(pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "event"]))
+    groups = tie_groups(d.user_idx, d.ts)
+    orders = set()
+    for seed in range(10):
+        corpus, extra, stats = session_corpus(d.sessions, d.item_idx, 2, 3, True, groups,
+                                              np.random.default_rng(seed))
+        assert stats["sequences"] == 3 and len(corpus) == 18
+        for s in range(3):
+            seq = names(d, corpus.tokens[corpus.seq == s])
+            assert seq[0] == "a1" and seq[-1] == "a6" and sorted(seq[1:5]) == ["a2", "a3", "a4", "a5"]
+            orders.add(tuple(seq))
+        # the global-context pairs do not depend on the order
+        assert sorted(names(d, extra.centre)) == sorted(["a1", "a2", "a3", "a4", "a5"] * 3)
+    assert len(orders) > 5  # copies and seeds draw different orders of the tie group
+    plain, _, _ = session_corpus(d.sessions, d.item_idx, 2, 1, True)
+    assert names(d, plain.tokens) == ["a1", "a2", "a3", "a4", "a5", "a6"]
+    with pytest.raises(ValueError):
+        session_corpus(d.sessions, d.item_idx, 2, 1, True, groups, None)
+    ch = channel(ties="shuffle", conversion_oversample=1, market_negatives=0)
+    ch.fit(d)
+    again = channel(ties="shuffle", conversion_oversample=1, market_negatives=0)
+    again.fit(d)
+    np.testing.assert_array_equal(ch.item_vectors, again.item_vectors)  # seeded
 
 
 @pytest.mark.parametrize("negatives", ["per_pair", "shared"])

@@ -21,6 +21,7 @@ from trainer.channels.eges import (
     encode_side_info,
     session_graph,
     side_info_frame,
+    transition_edges,
 )
 from trainer.data.train_data import TrainData
 from trainer.publishing import nn_store
@@ -88,6 +89,37 @@ def test_session_graph_is_directed_weighted_and_cut_at_30_minutes():
 
     assert edges(1800) == {("x", "y"): 2.0, ("y", "z"): 1.0, ("y", "w"): 1.0}  # directed: no y→x
     assert edges(None) == {("x", "y"): 3.0, ("y", "z"): 1.0, ("z", "w"): 1.0, ("y", "w"): 1.0}
+
+
+def test_unordered_ties_link_whole_tie_groups_with_the_weight_of_the_transitions_they_replace():
+    # one session: p | q r s (same second) | t u (same second) | v — then a new session (gap > 30 min): w
+    user = np.zeros(8, np.int32)
+    item = np.arange(8)  # p q r s t u v w
+    ts = np.array([0, 10, 10, 10, 20, 20, 30, 5000])
+    edges = {m: {(int(a), int(b)): float(w) for a, b, w in zip(*transition_edges(user, item, ts, 1800, m),
+                                                                 strict=True)}
+             for m in ("ordered", "unordered")}
+    assert edges["ordered"] == {(k, k + 1): 1.0 for k in range(6)}  # log order (item id) inside a tie
+    got = edges["unordered"]
+    expect = {(0, 1): 1 / 3, (0, 2): 1 / 3, (0, 3): 1 / 3}  # p → every item of {q, r, s}: one transition
+    expect |= {(a, b): 1 / 3 for a in (1, 2, 3) for b in (1, 2, 3) if a != b}  # inside: 2 transitions, both ways
+    expect |= {(a, b): 1 / 6 for a in (1, 2, 3) for b in (4, 5)}  # {q, r, s} → {t, u}: one transition
+    expect |= {(4, 5): 1 / 2, (5, 4): 1 / 2, (4, 6): 1 / 2, (5, 6): 1 / 2}  # inside {t, u}; {t, u} → v
+    assert got.keys() == expect.keys()
+    for k, w in expect.items():
+        assert got[k] == pytest.approx(w)
+    assert sum(got.values()) == pytest.approx(6.0)  # = the 6 transitions of the session; none to w
+    # without ties both modes agree; the graph builds with either
+    flat = np.arange(8) * 10
+    assert edges["ordered"] == {(int(a), int(b)): float(w)
+                                for a, b, w in zip(*transition_edges(user, item, flat[:7].tolist() + [5000], 1800,
+                                                                     "unordered"), strict=True)}
+    data = TrainData.from_frame(pd.DataFrame({"user_id": ["a"] * 4, "item_id": list("wxyz"),
+                                              "timestamp": [0, 5, 5, 9]}))
+    g = session_graph(data, 1800, "unordered").to_scipy().toarray()
+    ix = {name: data.item_map.get(name) for name in "wxyz"}
+    assert g[ix["w"], ix["x"]] == g[ix["w"], ix["y"]] == 0.5 and g[ix["x"], ix["y"]] == g[ix["y"], ix["x"]] == 0.5
+    assert g[ix["x"], ix["z"]] == g[ix["y"], ix["z"]] == 0.5
 
 
 def test_side_info_frame_turns_dates_into_years_and_keeps_category_brand_market():

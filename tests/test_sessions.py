@@ -17,7 +17,9 @@ from trainer.data.sessions import (
     Sessions,
     session_bounds,
     session_conversion,
+    shuffle_within_groups,
     split_sessions,
+    tie_groups,
     to_seconds,
 )
 from trainer.data.train_data import TrainData
@@ -111,3 +113,20 @@ def test_ml100k_sessions_and_conversions():
     assert len(s) == 2793 and int((s.lengths >= 2).sum()) == 2283 and np.median(s.lengths) == 11
     assert (s.conversion >= 0).mean() == pytest.approx(0.857, abs=0.001)
     assert (td.event[s.starts + s.lengths - 1] == LIKE).mean() == pytest.approx(0.491, abs=0.001)
+
+
+def test_tie_groups_are_one_users_same_second_runs_and_shuffles_stay_inside_them():
+    user = np.array([0, 0, 0, 0, 0, 1, 1, 1])
+    ts = np.array([0, 5, 5, 5, 9, 9, 9, 10])  # user 1's first second equals user 0's last: separate groups
+    np.testing.assert_array_equal(tie_groups(user, ts), [0, 1, 1, 1, 2, 3, 3, 4])
+    assert tie_groups(np.zeros(0, np.int32), np.zeros(0, np.int64)).shape == (0,)
+    g = tie_groups(user, ts)
+    seen = set()
+    for seed in range(30):
+        p = shuffle_within_groups(g, np.random.default_rng(seed))
+        np.testing.assert_array_equal(g[p], g)  # every run stays where it is, as a whole
+        assert sorted(p.tolist()) == list(range(8))
+        seen.add(tuple(p[1:4].tolist()))
+    assert len(seen) == 6  # all 3! orders of the group of 3 occur
+    np.testing.assert_array_equal(shuffle_within_groups(g, np.random.default_rng(1)),
+                                  shuffle_within_groups(g, np.random.default_rng(1)))  # seeded

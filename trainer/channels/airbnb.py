@@ -3,7 +3,9 @@ conversion as a global context and same-market negatives, trained by the shared 
 (trainer/nn/skipgram.py); the published artifact is the items' cosine neighbour lists.
 
 - Sessions: trainer.data.sessions (30-minute rule), sessions of ≥ `min_session_len` (2) items; converted sessions
-  (Sessions.conversion: the last liked / purchased item) appear `conversion_oversample` times per epoch.
+  (Sessions.conversion: the last liked / purchased item) appear `conversion_oversample` times per epoch. With
+  `ties: shuffle` the items of one user's same-second group (no order: the log lists them by item id) are put
+  in a seeded random order in every session copy.
 - Global context (`conversion_context`): the conversion item b is a positive context of every other item l of its
   session, beyond the window: the term log σ(v'_b·v_l) (the trainer's ExtraPairs).
 - Negatives: `num_negatives` random (∝ count^negatives_power) plus `market_negatives` from the centre's market
@@ -28,7 +30,7 @@ import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainer.channels.embedding import EmbeddingChannel
-from trainer.data.sessions import Sessions
+from trainer.data.sessions import Sessions, shuffle_within_groups, tie_groups
 from trainer.data.train_data import TrainData
 from trainer.nn.encoding import encode_attrs
 from trainer.nn.skipgram import Corpus, ExtraPairs, NegativePool, SkipGramConfig, train_skipgram
@@ -41,7 +43,8 @@ class AirbnbParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     dim: int = Field(32, ge=2, le=1024)
-    window: int = Field(20, ge=1, le=1000, description="context positions on each side within a session")
+    window: int = Field(60, ge=1, le=1000, description="context positions on each side within a session "
+                        "(60: ml-100k validation pick over 20)")
     shrink_window: bool = Field(True, description="word2vec's random effective window in [1, window]")
     negatives: Literal["per_pair", "shared"] = Field("shared", description="shared: the random negatives are one "
                                                      "set per batch and the market ones one set per market per "
@@ -57,6 +60,9 @@ class AirbnbParams(BaseModel):
     batch_size: int = Field(8192, ge=2, le=1 << 20)
     lr: float = Field(0.02, gt=0, le=1, description="Adam learning rate")
     session_gap_s: int | None = Field(1800, ge=0, description="gap that starts a new session; null = whole history")
+    ties: Literal["ordered", "shuffle"] = Field("ordered", description="interactions of one user in the same "
+                                               "second: ordered = as the log lists them (by item id), shuffle = "
+                                               "a seeded random order per session copy (they have no order)")
     min_session_len: int = Field(2, ge=2, le=1000)
     cold_start: bool = Field(True, description="items without a trained vector get the mean of their nearest "
                              "items by side information")
@@ -76,11 +82,14 @@ def item_market(data: TrainData) -> tuple[np.ndarray, str]:
 
 
 def session_corpus(sessions: Sessions, item_idx: np.ndarray, min_len: int, oversample: int,
-                   conversion_context: bool) -> tuple[Corpus, ExtraPairs | None, dict[str, int]]:
+                   conversion_context: bool, tie_group: np.ndarray | None = None,
+                   rng: np.random.Generator | None = None) -> tuple[Corpus, ExtraPairs | None, dict[str, int]]:
     """(corpus of the kept sessions, converted ones `oversample` times; global-context pairs; counts).
 
     Sequence ids of the corpus are copy ids (a converted session's copies are separate sequences, each with its
-    own global-context pairs): every item l ≠ b of a copy whose session converted on b gives the pair (l, b)."""
+    own global-context pairs): every item l ≠ b of a copy whose session converted on b gives the pair (l, b).
+    With `tie_group` (the tie group of each interaction, `trainer.data.sessions.tie_groups`) and `rng`, the
+    items of every tie group are put in a random order, drawn afresh for each copy (`ties: shuffle`)."""
     keep = np.flatnonzero(sessions.lengths >= min_len)
     conv = sessions.conversion[keep]
     reps = np.where(conv >= 0, oversample, 1)
@@ -88,7 +97,14 @@ def session_corpus(sessions: Sessions, item_idx: np.ndarray, min_len: int, overs
     lengths = sessions.lengths[copy_sess]
     copy_id = np.repeat(np.arange(len(copy_sess), dtype=np.int64), lengths)
     offset = np.arange(len(copy_id)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    tokens = np.asarray(item_idx, np.int64)[sessions.starts[copy_sess][copy_id] + offset]
+    pos = sessions.starts[copy_sess][copy_id] + offset  # interaction behind each token
+    if tie_group is not None and len(pos):
+        if rng is None:
+            raise ValueError("session_corpus: shuffling tie groups needs an rng")
+        g = np.asarray(tie_group, np.int64)[pos]
+        run = np.cumsum(np.r_[True, (copy_id[1:] != copy_id[:-1]) | (g[1:] != g[:-1])])  # (copy, group) runs
+        pos = pos[shuffle_within_groups(run, rng)]
+    tokens = np.asarray(item_idx, np.int64)[pos]
     corpus = Corpus.from_flat(tokens, copy_id)
     extra = None
     n_extra = 0
@@ -150,8 +166,11 @@ class AirbnbChannel(EmbeddingChannel):
         (random + same market, session items excluded by the trainer) and the config."""
         p: AirbnbParams = self.params
         sessions = Sessions.build(data.user_idx, data.item_idx, data.ts, data.event, p.session_gap_s)
-        corpus, extra, self.corpus_stats = session_corpus(sessions, data.item_idx, p.min_session_len,
-                                                          p.conversion_oversample, p.conversion_context)
+        shuffle = p.ties == "shuffle"
+        corpus, extra, self.corpus_stats = session_corpus(
+            sessions, data.item_idx, p.min_session_len, p.conversion_oversample, p.conversion_context,
+            tie_groups(data.user_idx, data.ts) if shuffle else None,
+            np.random.default_rng([self.seed, 2]) if shuffle else None)
         counts = corpus.counts(data.n_items)
         market, self.market_field = item_market(data)
         pool = NegativePool(centre_group=market, item_group=market, counts=counts, power=p.negatives_power)

@@ -2,7 +2,10 @@
 skip-gram over weighted random walks on the session item graph, with side information and item cold start.
 
 1. Sessions (`trainer.data.sessions`, 30-minute rule) → a directed, weighted item graph: the weight of i → j is
-   the number of consecutive i → j transitions inside sessions.
+   the number of consecutive i → j transitions inside sessions. With `ties: unordered` the events of one user in
+   one second (a tie group: no order, the log lists them by item id) form a set: edges from every item of a
+   group to every item of the next, and both ways inside, weighted to stand for the transitions they replace
+   (`transition_edges`).
 2. `walks_per_node` weighted random walks (next node ∝ edge weight; `trainer.graph.walks.random_walks`) of
    `walk_length` nodes from every node with an out-edge.
 3. Skip-gram with negative sampling over the walks (`trainer.nn.skipgram`) where the centre is the aggregation of
@@ -33,7 +36,7 @@ from torch import nn
 
 from trainer.channels.embedding import EmbeddingChannel
 from trainer.data.io import item_field_column
-from trainer.data.sessions import split_sessions
+from trainer.data.sessions import session_bounds, split_sessions, tie_groups
 from trainer.data.train_data import TrainData
 from trainer.graph.walks import CSRGraph, csr_from_edges, random_walks
 from trainer.nn.encoding import AttrEncoding, encode_attrs
@@ -51,6 +54,10 @@ class EGESParams(BaseModel):
     side_info: list[str] | None = Field(None, description="item columns used as side information (null: every "
                                         "usable column)")
     session_gap_s: int | None = Field(1800, ge=0, description="gap that starts a new session; null = whole history")
+    ties: Literal["ordered", "unordered"] = Field("ordered", description="interactions of one user in the same "
+                                                  "second: ordered = as the log lists them (by item id), "
+                                                  "unordered = a set (edges to/from every item of the "
+                                                  "neighbouring groups and both ways inside; eges.transition_edges)")
     walks_per_node: int = Field(30, ge=1, le=1000, description="walks started from every node with an out-edge")
     walk_length: int = Field(10, ge=2, le=1000, description="nodes per walk (the start included)")
     window: int = Field(5, ge=1, le=1000, description="skip-gram context positions on each side")
@@ -103,13 +110,54 @@ def encode_side_info(data: TrainData, columns: list[str] | None = None) -> AttrE
     return encode_attrs(frame, data.n_items, multi_valued=True, categorical=categorical)
 
 
-def session_graph(data: TrainData, gap_s: int | None) -> CSRGraph:
-    """Directed item graph: weight of i → j = number of consecutive i → j transitions inside sessions."""
-    sess = split_sessions(data.user_idx, data.ts, gap_s)
-    same = sess[1:] == sess[:-1]
-    src, dst = data.item_idx[:-1][same], data.item_idx[1:][same]
+def _cross_pairs(a0: np.ndarray, na: np.ndarray, b0: np.ndarray, nb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every (a, b) with a in [a0[k], a0[k] + na[k]) and b in [b0[k], b0[k] + nb[k]), for every k, vectorised:
+    int64 (a positions, b positions), block k's na[k]·nb[k] pairs in row-major order."""
+    cnt = (na * nb).astype(np.int64)
+    blk = np.repeat(np.arange(len(cnt), dtype=np.int64), cnt)
+    p = np.arange(int(cnt.sum()), dtype=np.int64) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    return a0[blk] + p // nb[blk], b0[blk] + p % nb[blk]
+
+
+def transition_edges(user_idx: np.ndarray, item_idx: np.ndarray, ts: np.ndarray, gap_s: int | None,
+                     ties: Literal["ordered", "unordered"] = "ordered"
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(src, dst, weight) of the session transitions of a log sorted by (user, time) (self-loops dropped).
+
+    `ordered`: every consecutive i → j inside a session, weight 1 (the paper). `unordered`: interactions of one
+    tie group (same user, same second: `trainer.data.sessions.tie_groups`) have no order, so a group G_k of
+    n_k items is a set: every item of G_k → every item of the next group G_{k+1} of the session, weight
+    1 / (n_k · n_{k+1}) (the one transition the boundary stands for), and inside G_k every ordered pair of
+    distinct items both ways, weight 1 / n_k (the n_k − 1 transitions the group stands for). The total weight
+    of a session is its length − 1 in both modes; without ties the two modes give the same edges."""
+    item_idx = np.asarray(item_idx, np.int64)
+    sess = split_sessions(user_idx, ts, gap_s)
+    if ties == "ordered":
+        same = sess[1:] == sess[:-1]
+        src, dst = item_idx[:-1][same], item_idx[1:][same]
+        w = np.ones(len(src))
+    elif ties == "unordered":
+        starts, sizes = session_bounds(tie_groups(user_idx, ts))
+        nxt = np.flatnonzero(sess[starts][1:] == sess[starts][:-1])  # group k → k + 1 of the same session
+        a, b = _cross_pairs(starts[nxt], sizes[nxt], starts[nxt + 1], sizes[nxt + 1])
+        wa = 1.0 / np.repeat(sizes[nxt] * sizes[nxt + 1], sizes[nxt] * sizes[nxt + 1])
+        big = np.flatnonzero(sizes > 1)
+        c, d = _cross_pairs(starts[big], sizes[big], starts[big], sizes[big])
+        wc = 1.0 / np.repeat(sizes[big], sizes[big] ** 2)
+        off = c != d
+        src, dst = item_idx[np.r_[a, c[off]]], item_idx[np.r_[b, d[off]]]
+        w = np.r_[wa, wc[off]]
+    else:
+        raise ValueError(f"unknown ties mode {ties!r}")
     keep = src != dst
-    return csr_from_edges(src[keep], dst[keep], np.ones(int(keep.sum())), data.n_items, data.n_items)
+    return src[keep], dst[keep], w[keep]
+
+
+def session_graph(data: TrainData, gap_s: int | None, ties: Literal["ordered", "unordered"] = "ordered") -> CSRGraph:
+    """Directed item graph: weight of i → j = summed weight of the i → j session transitions (`transition_edges`:
+    with `ordered` ties, the number of consecutive i → j transitions inside sessions)."""
+    src, dst, w = transition_edges(data.user_idx, data.item_idx, data.ts, gap_s, ties)
+    return csr_from_edges(src, dst, w, data.n_items, data.n_items)
 
 
 class SideInfoEmbedding(nn.Module):
@@ -198,7 +246,7 @@ class EGESChannel(EmbeddingChannel):
         # BGE trains no side-information table, so it has nothing to give a cold item either
         enc = encode_side_info(data, p.side_info) if p.aggregation != "bge" else AttrEncoding(n_rows=n)
         self.side_info_columns = enc.columns
-        graph = session_graph(data, p.session_gap_s)
+        graph = session_graph(data, p.session_gap_s, p.ties)
         starts = np.repeat(np.flatnonzero(graph.degree > 0), p.walks_per_node)
         walks = random_walks(graph, starts, p.walk_length - 1, np.random.default_rng([self.seed, 1]))
         corpus = Corpus.from_padded(walks, -1)

@@ -58,6 +58,28 @@ def split_sessions(user_idx: np.ndarray, ts: np.ndarray, gap_s: int | None = SES
     return np.cumsum(start) - 1
 
 
+def tie_groups(user_idx: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """Tie-group id (0, 1, … in order) per interaction of arrays sorted by user, then time: a run of one user's
+    interactions with the same second. Events of one group have no order (a log sorted by (user, time, item)
+    lists them by item id), so order-sensitive models may treat a group as a set (EGES `ties`, Airbnb `ties`).
+    A group never spans two sessions (a session break needs a gap > 0)."""
+    user_idx = np.asarray(user_idx)
+    n = len(user_idx)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    sec = to_seconds(ts)
+    start = np.ones(n, dtype=bool)
+    start[1:] = (user_idx[1:] != user_idx[:-1]) | (sec[1:] != sec[:-1])
+    return np.cumsum(start) - 1
+
+
+def shuffle_within_groups(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """int64 permutation p such that `x[p]` reorders every run of equal (non-decreasing) `groups` ids uniformly
+    at random and leaves the runs where they are (one `rng.random(n)`)."""
+    groups = np.asarray(groups)
+    return np.lexsort((rng.random(len(groups)), groups)).astype(np.int64)
+
+
 def session_bounds(session_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(start, length) of each run of equal session ids, in order: session k is `[start[k], start[k] + length[k])`."""
     ids = np.asarray(session_ids)

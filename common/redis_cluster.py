@@ -29,7 +29,7 @@ from redis.backoff import ExponentialBackoff
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from common.breaker import FAILURES, CircuitBreaker
-from common.redis_reads import Command, ExecuteReads, RedisReads
+from common.redis_reads import Command, ExecuteReads, RedisReads, SharedCall
 
 Addr = tuple[str, int]
 
@@ -112,7 +112,7 @@ class ClusterReads(ExecuteReads):
         self._slots: list[Addr | None] | None = None
         self._nodes: dict[Addr, RedisReads] = {}
         self._stale, self._refreshed_at = True, 0.0
-        self._refreshing: asyncio.Future | None = None
+        self._refreshing = SharedCall()
 
     def _node(self, addr: Addr) -> RedisReads:
         r = self._nodes.get(addr)
@@ -123,22 +123,10 @@ class ClusterReads(ExecuteReads):
     # -- the slot map --------------------------------------------------------------------------------
     async def _refresh(self) -> None:
         """Re-read the slot map (one refresh at a time; concurrent callers share it)."""
-        if self._refreshing is not None:
-            return await asyncio.shield(self._refreshing)
-        fut = self._refreshing = asyncio.get_running_loop().create_future()
         try:
-            await self._read_slots()
-        except Exception as exc:
-            fut.set_exception(exc)
-            fut.exception()  # concurrent callers get it through their shield; nobody else must
-            raise
-        except BaseException:
-            fut.cancel()
-            raise
+            await self._refreshing(self._read_slots)
         finally:
-            self._refreshing = None
             self._refreshed_at = time.monotonic()
-        fut.set_result(None)
 
     async def _read_slots(self) -> None:
         errors = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -70,6 +71,31 @@ class _RespProtocol(asyncio.Protocol):
             self.transport.abort()
 
 
+class SharedCall:
+    """Runs one coroutine at a time: callers arriving while it runs await the same result or exception."""
+
+    def __init__(self) -> None:
+        self._fut: asyncio.Future | None = None
+
+    async def __call__(self, fn: Callable[[], Awaitable[Any]]) -> Any:
+        if self._fut is not None:
+            return await asyncio.shield(self._fut)
+        fut = self._fut = asyncio.get_running_loop().create_future()
+        try:
+            result = await fn()
+        except Exception as exc:
+            fut.set_exception(exc)
+            fut.exception()  # concurrent callers get it through their shield; nobody else must
+            raise
+        except BaseException:
+            fut.cancel()
+            raise
+        finally:
+            self._fut = None
+        fut.set_result(result)
+        return result
+
+
 class ExecuteReads:
     """`mget` and `get` on top of a reader's pipelined `execute` (RedisReads, the cluster reader)."""
 
@@ -98,25 +124,10 @@ class RedisReads(ExecuteReads):
         self._addr = (u.hostname or "127.0.0.1", u.port or 6379)
         self._auth = [unquote(x) for x in (u.username, u.password) if x] if u.password else []
         self._proto: _RespProtocol | None = None
-        self._connecting: asyncio.Future | None = None
+        self._connecting = SharedCall()
 
     async def _connect(self) -> _RespProtocol:
-        if self._connecting is not None:  # one connect at a time; concurrent callers share it
-            return await asyncio.shield(self._connecting)
-        fut = self._connecting = asyncio.get_running_loop().create_future()
-        try:
-            proto = await self._open()
-        except Exception as exc:
-            fut.set_exception(exc)
-            fut.exception()  # concurrent callers get it through their shield; nobody else must
-            raise
-        except BaseException:
-            fut.cancel()
-            raise
-        finally:
-            self._connecting = None
-        fut.set_result(proto)
-        self._proto = proto
+        proto = self._proto = await self._connecting(self._open)  # one connect at a time; callers share it
         return proto
 
     async def _open(self) -> _RespProtocol:

@@ -76,7 +76,7 @@ class TwoTowerParams(BaseModel):
     pos_subsample: float = Field(0.0, ge=0, le=1, description="word2vec-style down-sampling of popular positives "
                                  "(threshold on item frequency; 0 = off)")
     epochs: int = Field(7, ge=1, le=1000)
-    max_examples: int | None = Field(1_000_000, ge=1, description="scale rule: at most this many training examples "
+    max_examples: int | None = Field(3_000_000, ge=1, description="scale rule: at most this many training examples "
                                      "per fit, in whole epochs (epochs = clamp(max_examples // interactions, 1, "
                                      "epochs)); None = always `epochs` (docs/channels.md)")
     batch_size: int = Field(512, ge=2, le=65536)

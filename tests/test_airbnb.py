@@ -11,10 +11,12 @@ from common.channel_config import ChannelSpec, ConfigError, parse_config
 from common.ids import IdMap
 from tests.channel_contract import ChannelContract
 from trainer.channels import registry
-from trainer.channels.airbnb import AirbnbChannel, session_corpus, side_info_neighbors
+from trainer.channels.airbnb import AirbnbChannel
+from trainer.channels.neighbors import side_info_neighbors
 from trainer.data.sessions import tie_groups
 from trainer.data.train_data import TrainData
 from trainer.nn.negatives import PowerSampler
+from trainer.nn.session_corpus import session_corpus
 from trainer.nn.skipgram import draw_negatives, epoch_pairs, sequence_membership
 
 H = 7200  # a gap that starts a new session

@@ -15,15 +15,10 @@ from common.keyspace import unpack_neighbors
 from common.publish import current_version
 from common.retrieval import retrieve_i2i
 from trainer.channels import registry
-from trainer.channels.eges import (
-    EGESChannel,
-    SideInfoEmbedding,
-    encode_side_info,
-    session_graph,
-    side_info_frame,
-    transition_edges,
-)
+from trainer.channels.eges import EGESChannel, SideInfoEmbedding
 from trainer.data.train_data import TrainData
+from trainer.graph.session_graph import session_graph, transition_edges
+from trainer.nn.side_info import encode_side_info, side_info_frame
 from trainer.publishing import nn_store
 
 N_CAT, PER_CAT = 4, 10

@@ -12,7 +12,7 @@ import torch
 import yaml
 from test_vector_server import post, push_event, wait_versions, write_user_features
 
-import trainer.channels.multitask_two_tower as mt
+import trainer.nn.multitask as mt
 from common.channel_config import ChannelSpec, ConfigError, load_config, parse_config
 from common.ids import publish_id_map
 from common.towers import encode_user_inputs, matches, numpy_twin
@@ -21,6 +21,7 @@ from trainer.channels import registry
 from trainer.channels.multitask_two_tower import MultiTaskTwoTowerChannel
 from trainer.data.events import LIKE
 from trainer.data.train_data import TrainData
+from trainer.nn.user_inputs import tower_inputs
 from trainer.publishing import publish_channel
 from trainer.task_metrics import event_hit_rate, liked_hit_rate, target_events
 
@@ -94,7 +95,7 @@ def test_each_head_learns_its_own_task(data, model):
     items = model.task_item_vectors(data)[0]  # the shared item tower
     tower = model.fitted.user_tower
     users = np.arange(data.n_users)
-    x = model._user_inputs(data, model.fitted, users, data.user_ptr[users + 1])
+    x = tower_inputs(data, users, data.user_ptr[users + 1], model.params.recent_n, model.fitted.user_attr_codes)
     with torch.no_grad():
         u = tower.task_vectors(*x).numpy()  # [U, 2, d]
     cluster = np.array([int(data.user_map.ids[v][1:]) % N_CLUSTERS for v in users])
@@ -161,7 +162,8 @@ def test_published_head_and_blend(data, model):
     liked = fit(data, "mt_liked", head="liked")
     a_click, a_liked = model.artifacts(data)["u2i"], liked.artifacts(data)["u2i"]
     np.testing.assert_array_equal(a_click.item_vectors, a_liked.item_vectors)  # same model, same items
-    x = model._user_inputs(data, model.fitted, np.arange(data.n_users), data.user_ptr[1:])
+    x = tower_inputs(data, np.arange(data.n_users), data.user_ptr[1:], model.params.recent_n,
+                     model.fitted.user_attr_codes)
     with torch.no_grad():
         u = model.fitted.user_tower.task_vectors(*x).numpy()
     np.testing.assert_allclose(a_click.user_vectors, u[:, 0], atol=1e-6)

@@ -17,9 +17,10 @@ from common.towers.rescore import RescoreSettings, rescore, rescore_settings, tw
 from services.vector_server.index import load_bundle, load_tower
 from trainer.channels import registry
 from trainer.channels.base import served_rescorer
-from trainer.channels.neural_cf import NeuralCFChannel, init_from_pretrained, pointwise_examples
+from trainer.channels.neural_cf import NeuralCFChannel
 from trainer.data.train_data import TrainData
-from trainer.nn.negatives import PowerSampler
+from trainer.nn.negatives import PowerSampler, pointwise_examples
+from trainer.nn.neumf import init_from_pretrained
 from trainer.publishing import publish_channel
 
 N_CLUSTERS, PER_CLUSTER, N_USERS, CLICKS = 4, 25, 80, 8
@@ -138,7 +139,7 @@ def test_pretrained_init_mixes_the_output_layers_with_alpha(data):
             torch.nn.init.normal_(prm, std=0.3)
     net = ch.new_model(data, True, True)
     init_from_pretrained(net, gmf, mlp, alpha=0.3)
-    x = ch._inputs(data, np.arange(6), data.user_ptr[np.arange(6) + 1])
+    x = ch.user_inputs(data, np.arange(6), data.user_ptr[np.arange(6) + 1])
     items = torch.arange(data.n_items).repeat(6, 1)
     with torch.no_grad():
         want = 0.3 * gmf.score(*x, items) + 0.7 * mlp.score(*x, items)
@@ -266,7 +267,7 @@ def test_exported_module_reproduces_the_training_model(data, fitted):
         np.testing.assert_allclose(query(module, meta, u, recent), art.user_vectors[u], atol=1e-6)
     cold = data.user_map.get("cold")
     np.testing.assert_allclose(art.user_vectors[cold], query(module, meta, -1, []), atol=1e-6)  # = unknown user
-    x = fitted._inputs(data, np.arange(data.n_users), data.user_ptr[1:])
+    x = fitted.user_inputs(data, np.arange(data.n_users), data.user_ptr[1:])
     items = torch.arange(data.n_items).repeat(data.n_users, 1)
     with torch.no_grad():
         np.testing.assert_allclose(module.score(*x, items).numpy(), fitted.net.score(*x, items).numpy(), atol=1e-6)

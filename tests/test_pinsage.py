@@ -13,17 +13,12 @@ import torch.nn.functional as F
 from common.channel_config import ChannelSpec, ConfigError, parse_config
 from tests.channel_contract import planted_data
 from trainer.channels import registry
-from trainer.channels.pinsage import (
-    PinSageChannel,
-    curriculum_count,
-    draw_hard,
-    pair_edges,
-    rank_window,
-    sequence_pairs,
-)
+from trainer.channels.pinsage import PinSageChannel
+from trainer.data.examples import sequence_pairs
 from trainer.data.train_data import TrainData
 from trainer.graph import bipartite, ppr_power, visit_counts, walks_with_restart
-from trainer.graph.sage import GraphEncoder, SAGEConv, masked_weights
+from trainer.graph.sage import GraphEncoder, SAGEConv, masked_weights, pair_edges
+from trainer.nn.negatives import curriculum_count, draw_hard, rank_window
 
 SMALL = {"dim": 8, "emb_dim": 8, "epochs": 2, "num_negatives": 8, "batch_size": 64, "top_k": 10}
 

@@ -21,7 +21,8 @@ from common.towers.youtube_dnn import YouTubeDNNTower, powers, quantile_cdf
 from services.vector_server.index import load_tower
 from tests.channel_contract import planted_data
 from trainer.channels import registry
-from trainer.channels.youtube_dnn import YouTubeDNNChannel, sample_per_user
+from trainer.channels.youtube_dnn import YouTubeDNNChannel
+from trainer.data.examples import sample_per_user
 from trainer.data.io import load_dataset
 from trainer.data.train_data import TrainData
 from trainer.publishing import publish_channel
@@ -171,7 +172,7 @@ def test_examples_predict_next_item_from_earlier_history_only(attr_data):
     assert len(ch.cand) == len(data.item_idx) - int((np.diff(data.user_ptr) > 0).sum())
     u = 5
     g = int(data.user_ptr[u]) + 3
-    _, _, rec, ts = ch._inputs(data, np.array([u]), np.array([g]))
+    _, _, rec, ts = ch.user_inputs(data, np.array([u]), np.array([g]))
     np.testing.assert_array_equal(rec[0, :3].numpy(), data.item_idx[g - 3:g][::-1])  # newest first, before g
     assert (rec[0, 3:] == data.n_items).all() and (ts[0, :3].numpy() == data.ts[g - 3:g][::-1]).all()
     # per epoch: min(examples_per_user, candidates) positions per user
@@ -208,7 +209,7 @@ def test_exported_tower_reproduces_the_training_model(attr_data, attr_model):
         attrs = users.loc[data.user_map.ids[u]].to_dict()
         np.testing.assert_allclose(run(tower, meta, u, attrs, items, ts), art.user_vectors[u], atol=1e-5)
         # the training path at example age 0 is the served vector too
-        x = ch._inputs(data, np.array([u]), data.user_ptr[[u + 1]])
+        x = ch.user_inputs(data, np.array([u]), data.user_ptr[[u + 1]])
         with torch.no_grad():
             np.testing.assert_allclose(ch.tower(*x)[0].numpy(), art.user_vectors[u], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(art.user_vectors[:, -1], 1.0)  # the bias column
@@ -239,7 +240,7 @@ def test_optional_user_id_and_newest_item_export_exactly():
     assert meta["hparams"]["use_user_id"] and meta["hparams"]["newest_item"]
     for u in (0, 9):
         items, ts = data.recent(u, 5)
-        x = ch._inputs(data, np.array([u]), data.user_ptr[[u + 1]])
+        x = ch.user_inputs(data, np.array([u]), data.user_ptr[[u + 1]])
         with torch.no_grad():
             np.testing.assert_allclose(tower(*x)[0].numpy(), art.user_vectors[u], rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(encode_user_inputs(meta, u, None, items, ts).recent, x[2].numpy())

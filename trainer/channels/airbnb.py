@@ -26,13 +26,14 @@ import time
 from typing import Literal
 
 import numpy as np
-import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainer.channels.embedding import EmbeddingChannel
-from trainer.data.sessions import Sessions, shuffle_within_groups, tie_groups
+from trainer.channels.neighbors import side_info_neighbors
+from trainer.data.sessions import Sessions, tie_groups
 from trainer.data.train_data import TrainData
-from trainer.nn.encoding import encode_attrs
+from trainer.nn.encoding import item_tower_encoding
+from trainer.nn.session_corpus import session_corpus
 from trainer.nn.skipgram import Corpus, ExtraPairs, NegativePool, SkipGramConfig, train_skipgram
 
 log = logging.getLogger(__name__)
@@ -79,78 +80,6 @@ def item_market(data: TrainData) -> tuple[np.ndarray, str]:
     if mk is not None:
         return mk.astype(np.int64), "market"
     return data.item_category[0].astype(np.int64), "category"
-
-
-def session_corpus(sessions: Sessions, item_idx: np.ndarray, min_len: int, oversample: int,
-                   conversion_context: bool, tie_group: np.ndarray | None = None,
-                   rng: np.random.Generator | None = None) -> tuple[Corpus, ExtraPairs | None, dict[str, int]]:
-    """(corpus of the kept sessions, converted ones `oversample` times; global-context pairs; counts).
-
-    Sequence ids of the corpus are copy ids (a converted session's copies are separate sequences, each with its
-    own global-context pairs): every item l ≠ b of a copy whose session converted on b gives the pair (l, b).
-    With `tie_group` (the tie group of each interaction, `trainer.data.sessions.tie_groups`) and `rng`, the
-    items of every tie group are put in a random order, drawn afresh for each copy (`ties: shuffle`)."""
-    keep = np.flatnonzero(sessions.lengths >= min_len)
-    conv = sessions.conversion[keep]
-    reps = np.where(conv >= 0, oversample, 1)
-    copy_sess = np.repeat(keep, reps)  # session of each copy, in order
-    lengths = sessions.lengths[copy_sess]
-    copy_id = np.repeat(np.arange(len(copy_sess), dtype=np.int64), lengths)
-    offset = np.arange(len(copy_id)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    pos = sessions.starts[copy_sess][copy_id] + offset  # interaction behind each token
-    if tie_group is not None and len(pos):
-        if rng is None:
-            raise ValueError("session_corpus: shuffling tie groups needs an rng")
-        g = np.asarray(tie_group, np.int64)[pos]
-        run = np.cumsum(np.r_[True, (copy_id[1:] != copy_id[:-1]) | (g[1:] != g[:-1])])  # (copy, group) runs
-        pos = pos[shuffle_within_groups(run, rng)]
-    tokens = np.asarray(item_idx, np.int64)[pos]
-    corpus = Corpus.from_flat(tokens, copy_id)
-    extra = None
-    n_extra = 0
-    if conversion_context:
-        b = sessions.conversion[copy_sess][copy_id]  # conversion of each token's session
-        sel = (b >= 0) & (tokens != b)
-        extra = ExtraPairs(centre=tokens[sel], context=b[sel], seq=copy_id[sel])
-        n_extra = int(sel.sum())
-    stats = {"sessions": int(len(keep)), "converted_sessions": int((conv >= 0).sum()),
-             "sequences": int(len(copy_sess)), "tokens": int(len(tokens)), "global_context_pairs": n_extra}
-    return corpus, extra, stats
-
-
-def side_info_neighbors(codes: np.ndarray, sizes: list[int], query: np.ndarray, candidates: np.ndarray,
-                        counts: np.ndarray, k: int, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """(int64 [Q, k] nearest candidates, -1 pads; float32 scores) of each query item by side information: cosine of
-    the items' one-hot attribute codes (a bag column's values weigh 1/n each), only candidates sharing ≥ 1 value;
-    ties broken by more `counts`, then the lower index."""
-    n, n_cols, width = codes.shape
-    if n_cols == 0 or len(query) == 0 or len(candidates) == 0:
-        return np.full((len(query), k), -1, np.int64), np.zeros((len(query), k), np.float32)
-    offs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    filled = codes >= 0
-    nfill = np.maximum(filled.sum(2, keepdims=True), 1)
-    w = np.where(filled, 1.0 / nfill, 0.0)
-    rows = np.broadcast_to(np.arange(n)[:, None, None], codes.shape)[filled]
-    cols = (codes + offs[None, :, None])[filled]
-    x = sp.csr_matrix((w[filled], (rows, cols)), shape=(n, int(np.sum(sizes))))
-    norm = np.sqrt(np.asarray(x.multiply(x).sum(1)).ravel())
-    x = sp.diags(1.0 / np.maximum(norm, 1e-12)) @ x
-    xc = x[candidates].T.tocsc()
-    tie = np.argsort(np.lexsort((candidates, -np.asarray(counts)[candidates])))  # rank of each candidate
-    out = np.full((len(query), k), -1, np.int64)
-    score = np.zeros((len(query), k), np.float32)
-    kk = min(k, len(candidates))
-    for a in range(0, len(query), chunk):
-        s = (x[query[a:a + chunk]] @ xc).toarray()
-        key = s - 1e-9 * tie[None, :] / len(candidates)  # equal similarity: the better tie rank first
-        top = np.argpartition(-key, kk - 1, axis=1)[:, :kk]
-        order = np.argsort(-np.take_along_axis(key, top, 1), axis=1)
-        top = np.take_along_axis(top, order, 1)
-        sc = np.take_along_axis(s, top, 1)
-        ok = sc > 1e-9
-        out[a:a + chunk, :kk] = np.where(ok, candidates[top], -1)
-        score[a:a + chunk, :kk] = np.where(ok, sc, 0.0)
-    return out, score
 
 
 class AirbnbChannel(EmbeddingChannel):
@@ -215,8 +144,7 @@ class AirbnbChannel(EmbeddingChannel):
     def _cold_start(self, data: TrainData, trained: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """Give each untrained item with side information the mean vector of its `cold_k` nearest trained items
         by side information; returns the items that got one."""
-        enc = encode_attrs(data.item_attrs, data.n_items, multi_valued=True,
-                           categorical=(data.category_column or "",))
+        enc = item_tower_encoding(data.item_attrs, data.n_items, data.category_column)
         if not enc.fields:
             return np.zeros(0, np.int64)
         codes = enc.codes

@@ -1,16 +1,12 @@
 """EGES (Wang et al., KDD 2018, "Billion-scale Commodity Embedding for E-commerce Recommendation in Alibaba"):
 skip-gram over weighted random walks on the session item graph, with side information and item cold start.
 
-1. Sessions (`trainer.data.sessions`, 30-minute rule) → a directed, weighted item graph: the weight of i → j is
-   the number of consecutive i → j transitions inside sessions. With `ties: unordered` the events of one user in
-   one second (a tie group: no order, the log lists them by item id) form a set: edges from every item of a
-   group to every item of the next, and both ways inside, weighted to stand for the transitions they replace
-   (`transition_edges`).
+1. Sessions → a directed, weighted item graph of the transitions inside sessions (trainer/graph/session_graph.py).
 2. `walks_per_node` weighted random walks (next node ∝ edge weight; `trainer.graph.walks.random_walks`) of
    `walk_length` nodes from every node with an out-edge.
 3. Skip-gram with negative sampling over the walks (`trainer.nn.skipgram`) where the centre is the aggregation of
    the item's id embedding W_0(v) and its side-information embeddings W_j(v) (every usable item column, encoded
-   by the kit's `encode_attrs`: category, brand, market, tags, genres, release year, …):
+   by trainer/nn/side_info.py: category, brand, market, tags, genres, release year, …):
 
        EGES  H_v = Σ_j softmax(a_v)_j · W_j(v)      a_v ∈ R^{n+1} learned per item
        GES   H_v = mean_j W_j(v)
@@ -29,17 +25,16 @@ import time
 from typing import Literal
 
 import numpy as np
-import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from trainer.channels.embedding import EmbeddingChannel
-from trainer.data.io import item_field_column
-from trainer.data.sessions import session_bounds, split_sessions, tie_groups
 from trainer.data.train_data import TrainData
-from trainer.graph.walks import CSRGraph, csr_from_edges, random_walks
-from trainer.nn.encoding import AttrEncoding, encode_attrs
+from trainer.graph.session_graph import session_graph
+from trainer.graph.walks import random_walks
+from trainer.nn.encoding import AttrEncoding
+from trainer.nn.side_info import encode_side_info
 from trainer.nn.skipgram import Corpus, SkipGramConfig, SkipGramResult, train_skipgram
 
 Aggregation = Literal["eges", "ges", "bge"]
@@ -57,7 +52,7 @@ class EGESParams(BaseModel):
     ties: Literal["ordered", "unordered"] = Field("ordered", description="interactions of one user in the same "
                                                   "second: ordered = as the log lists them (by item id), "
                                                   "unordered = a set (edges to/from every item of the "
-                                                  "neighbouring groups and both ways inside; eges.transition_edges)")
+                                                  "neighbouring groups and both ways inside; trainer/graph/session_graph.py)")
     walks_per_node: int = Field(30, ge=1, le=1000, description="walks started from every node with an out-edge")
     walk_length: int = Field(10, ge=2, le=1000, description="nodes per walk (the start included)")
     window: int = Field(5, ge=1, le=1000, description="skip-gram context positions on each side")
@@ -75,89 +70,6 @@ class EGESParams(BaseModel):
     cold_start: bool = Field(True, description="items without behaviour get the mean of their side-info embeddings")
     top_k: int = Field(100, ge=1, le=2000, description="neighbours published per item")
     num_threads: int = Field(1, ge=1, le=64, description="torch threads while fitting")
-
-
-def side_info_frame(attrs: pd.DataFrame | None, columns: list[str] | None = None) -> tuple[pd.DataFrame | None, list[str]]:
-    """The item attribute columns used as side information, with date strings turned into years (ml-100k's
-    release date → release year); returns (frame, columns to encode as categories: years and category/brand/market)."""
-    if attrs is None:
-        return None, []
-    if columns is not None:
-        missing = [c for c in columns if c not in attrs.columns]
-        if missing:
-            raise ValueError(f"eges: side_info columns {missing} not in the items table (has {list(attrs.columns)})")
-        attrs = attrs[columns]
-    out, categorical = attrs.copy(), []
-    for col in attrs.columns:
-        s = attrs[col]
-        if s.dtype == object or pd.api.types.is_string_dtype(s):
-            txt = s.dropna().astype(str)
-            if len(txt) and txt.str.contains(r"\d", regex=True).all() and txt.str.contains(r"[-/ ]", regex=True).all():
-                parsed = pd.to_datetime(s, errors="coerce", format="mixed")
-                if parsed.notna().sum() >= 0.9 * s.notna().sum():
-                    out[col] = parsed.dt.year.astype("Int64")
-                    categorical.append(col)
-    for fld in ("category", "brand", "market"):
-        col = item_field_column(out, fld)
-        if col is not None:
-            categorical.append(col)
-    return out, categorical
-
-
-def encode_side_info(data: TrainData, columns: list[str] | None = None) -> AttrEncoding:
-    """Side-information fields of every item (kit encoder: bags for `a|b` columns, code 0 = rare/unknown)."""
-    frame, categorical = side_info_frame(data.item_attrs, columns)
-    return encode_attrs(frame, data.n_items, multi_valued=True, categorical=categorical)
-
-
-def _cross_pairs(a0: np.ndarray, na: np.ndarray, b0: np.ndarray, nb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every (a, b) with a in [a0[k], a0[k] + na[k]) and b in [b0[k], b0[k] + nb[k]), for every k, vectorised:
-    int64 (a positions, b positions), block k's na[k]·nb[k] pairs in row-major order."""
-    cnt = (na * nb).astype(np.int64)
-    blk = np.repeat(np.arange(len(cnt), dtype=np.int64), cnt)
-    p = np.arange(int(cnt.sum()), dtype=np.int64) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-    return a0[blk] + p // nb[blk], b0[blk] + p % nb[blk]
-
-
-def transition_edges(user_idx: np.ndarray, item_idx: np.ndarray, ts: np.ndarray, gap_s: int | None,
-                     ties: Literal["ordered", "unordered"] = "ordered"
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(src, dst, weight) of the session transitions of a log sorted by (user, time) (self-loops dropped).
-
-    `ordered`: every consecutive i → j inside a session, weight 1 (the paper). `unordered`: interactions of one
-    tie group (same user, same second: `trainer.data.sessions.tie_groups`) have no order, so a group G_k of
-    n_k items is a set: every item of G_k → every item of the next group G_{k+1} of the session, weight
-    1 / (n_k · n_{k+1}) (the one transition the boundary stands for), and inside G_k every ordered pair of
-    distinct items both ways, weight 1 / n_k (the n_k − 1 transitions the group stands for). The total weight
-    of a session is its length − 1 in both modes; without ties the two modes give the same edges."""
-    item_idx = np.asarray(item_idx, np.int64)
-    sess = split_sessions(user_idx, ts, gap_s)
-    if ties == "ordered":
-        same = sess[1:] == sess[:-1]
-        src, dst = item_idx[:-1][same], item_idx[1:][same]
-        w = np.ones(len(src))
-    elif ties == "unordered":
-        starts, sizes = session_bounds(tie_groups(user_idx, ts))
-        nxt = np.flatnonzero(sess[starts][1:] == sess[starts][:-1])  # group k → k + 1 of the same session
-        a, b = _cross_pairs(starts[nxt], sizes[nxt], starts[nxt + 1], sizes[nxt + 1])
-        wa = 1.0 / np.repeat(sizes[nxt] * sizes[nxt + 1], sizes[nxt] * sizes[nxt + 1])
-        big = np.flatnonzero(sizes > 1)
-        c, d = _cross_pairs(starts[big], sizes[big], starts[big], sizes[big])
-        wc = 1.0 / np.repeat(sizes[big], sizes[big] ** 2)
-        off = c != d
-        src, dst = item_idx[np.r_[a, c[off]]], item_idx[np.r_[b, d[off]]]
-        w = np.r_[wa, wc[off]]
-    else:
-        raise ValueError(f"unknown ties mode {ties!r}")
-    keep = src != dst
-    return src[keep], dst[keep], w[keep]
-
-
-def session_graph(data: TrainData, gap_s: int | None, ties: Literal["ordered", "unordered"] = "ordered") -> CSRGraph:
-    """Directed item graph: weight of i → j = summed weight of the i → j session transitions (`transition_edges`:
-    with `ordered` ties, the number of consecutive i → j transitions inside sessions)."""
-    src, dst, w = transition_edges(data.user_idx, data.item_idx, data.ts, gap_s, ties)
-    return csr_from_edges(src, dst, w, data.n_items, data.n_items)
 
 
 class SideInfoEmbedding(nn.Module):

@@ -6,27 +6,28 @@ small catalogues); serving searches each live interest and merges by max score.
 
 Training example = one interaction (u, i_t); the tower sees only the `recent_n` items *before* t (no leakage).
 Item vectors = the L2-normalised pooled item embeddings (id + side-information bags), the same embeddings the
-behaviours are made of. See docs/channels.md ("MIND") for the choices and figures.
+behaviours are made of. Publishing and incremental updates: trainer/channels/hooks/mind.py. See docs/channels.md
+("MIND") for the choices and figures.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.towers import export_tower, history_inputs, input_meta
 from common.towers.mind import MindTower
-from trainer.channels.warm_tower import WarmTowerChannel
+from trainer.channels.hooks.mind import MindHooks
 from trainer.data.train_data import TrainData
-from trainer.nn.encoding import encode_attrs
+from trainer.nn.encoding import item_tower_encoding, user_tower_encoding
 from trainer.nn.loop import Batch, LoopConfig, adam, seeded, train_loop
 from trainer.nn.losses import FULL_SOFTMAX_UP_TO, SampledSoftmax
 from trainer.nn.negatives import PowerSampler
-from trainer.nn.warm_start import RowTable, WarmState
+from trainer.nn.user_inputs import drop_user_ids, trained_users
+from trainer.nn.warm_start import WarmState
 
 
 class MindParams(BaseModel):
@@ -63,7 +64,7 @@ class MindParams(BaseModel):
     num_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads while fitting")
 
 
-class MindChannel(WarmTowerChannel):
+class MindChannel(MindHooks):
     """MIND: K interest vectors per user from capsule routing, served by the request-time tower."""
 
     model = "mind"
@@ -72,12 +73,10 @@ class MindChannel(WarmTowerChannel):
 
     def _prepare(self, data: TrainData) -> None:
         p: MindParams = self.params
-        self.user_enc = encode_attrs(data.user_attrs if p.use_user_attrs else None, data.n_users, multi_valued=False,
-                                     max_numeric_values=2000)
-        self.item_enc = encode_attrs(data.item_attrs if p.use_item_attrs else None, data.n_items, multi_valued=True,
-                                     categorical=(data.category_column or "",))
-        ua = self.user_enc.codes[:, :, 0] if self.user_enc.columns else np.zeros((data.n_users, 1), np.int64)
-        self.user_attr_codes = np.vstack([ua, np.zeros((1, ua.shape[1]), np.int64)])  # row n_users: unknown
+        self.user_enc, self.user_attr_codes = user_tower_encoding(data.user_attrs if p.use_user_attrs else None,
+                                                                  data.n_users)
+        self.item_enc = item_tower_encoding(data.item_attrs if p.use_item_attrs else None, data.n_items,
+                                            data.category_column)
 
     def build_tower(self, data: TrainData) -> MindTower:
         """A fresh tower for `data` (under the caller's seed), item side information filled in."""
@@ -90,15 +89,8 @@ class MindChannel(WarmTowerChannel):
         if self.item_enc.columns:
             tower.items.set_codes(codes, self.item_enc.sizes)
         with torch.no_grad():
-            tower.trained_user[: data.n_users] = torch.as_tensor(
-                np.bincount(data.user_idx, minlength=data.n_users)[: data.n_users] > 0)
+            tower.trained_user[: data.n_users] = trained_users(data.user_idx, data.n_users)
         return tower
-
-    def _user_inputs(self, data: TrainData, users: np.ndarray, end: np.ndarray) -> tuple[torch.Tensor, ...]:
-        """(user, attrs, recent) tensors in the encoding of common/towers/inputs.py (the one serving uses)."""
-        x = history_inputs(users, self.user_attr_codes[users], data.item_idx, data.user_ptr[users], end,
-                           self.params.recent_n, data.n_items)
-        return torch.as_tensor(x.user), torch.as_tensor(x.attrs), torch.as_tensor(x.recent)
 
     def fit(self, data: TrainData, progress: bool = False) -> None:
         p: MindParams = self.params
@@ -136,10 +128,8 @@ class MindChannel(WarmTowerChannel):
 
         def batch_loss(b: Batch) -> torch.Tensor:
             g = b.rows
-            uid, attrs, rec = self._user_inputs(data, data.user_idx[g].astype(np.int64), g)
-            if p.user_id_dropout > 0 and p.use_user_id:
-                drop = torch.as_tensor(rng.random(len(g)) < p.user_id_dropout)
-                uid = torch.where(drop, torch.full_like(uid, data.n_users), uid)
+            uid, attrs, rec = self.user_inputs(data, data.user_idx[g].astype(np.int64), g)
+            uid = drop_user_ids(uid, p.user_id_dropout if p.use_user_id else 0.0, data.n_users, rng)
             init = torch.randn(len(g), rec.shape[1], p.n_interests) * p.routing_std if p.routing_init == "random" \
                 else None
             # small catalogue (full softmax): pool every item once per step and gather behaviours from it
@@ -158,59 +148,3 @@ class MindChannel(WarmTowerChannel):
         history = train_loop(batch_loss, examples, self.optimizer, self.loop_config, rng,
                              modules=[] if warm else [tower])  # eval mode when it returns
         self.losses = history.losses
-
-    def export_user_tower(self, data: TrainData) -> tuple[bytes, dict[str, Any]]:
-        """(state-dict bytes, user_tower_meta): arch "mind", its hparams and the input meta."""
-        return export_tower(self.tower, input_meta(data.n_users, data.n_items, self.params.recent_n,
-                                                   self.user_enc.columns, self.user_enc.vocab))
-
-    @torch.no_grad()
-    def encode_users(self, data: TrainData, users: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """([n, K, d] interest vectors from each user's latest `recent_n` items (what serving computes; rows past
-        K_u zero), int32 [n] K_u)."""
-        users = np.arange(data.n_users) if users is None else np.asarray(users, np.int64)
-        vecs, counts = [], []
-        for b0 in range(0, len(users), 4096):
-            u = users[b0:b0 + 4096]
-            v, live = self.tower.interests(*self._user_inputs(data, u, data.user_ptr[u + 1]))
-            vecs.append(v.numpy())
-            counts.append(live.sum(1).numpy())
-        if not vecs:
-            return np.zeros((0, self.params.n_interests, self.params.dim), np.float32), np.zeros(0, np.int32)
-        return np.concatenate(vecs).astype(np.float32), np.concatenate(counts).astype(np.int32)
-
-    @torch.no_grad()
-    def encode_items(self, data: TrainData) -> np.ndarray:
-        """float32 [n_items, d]: the L2-normalised pooled item embeddings (score = cos(interest, item))."""
-        return F.normalize(self.tower.items(torch.arange(data.n_items)), dim=1).numpy().astype(np.float32)
-
-    # -- incremental updates between nightlies (docs/event_log.md; the mechanism: trainer/channels/warm_tower.py) --
-    def warm_modules(self) -> dict[str, torch.nn.Module]:
-        return {"tower": self.tower}
-
-    def warm_tables(self) -> list[RowTable]:
-        """The items' id rows (behaviours and item vectors alike) and side-information bags, the user rows."""
-        return [RowTable("tower.items.id_emb.weight", "item", history=True, item_vector=True),
-                RowTable("tower.items.attr_idx", "item", train=False),
-                RowTable("tower.user_emb.weight", "user", new="unknown"),
-                RowTable("tower.trained_user", "user", train=False, derived=True, marks_trained=True)]
-
-    def warm_extra(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The attribute codes and vocabularies of users and items."""
-        return self.attrs_checkpoint()
-
-    def warm_prepare(self, data: TrainData, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        self.restore_attrs(data, tensors, meta)
-
-    def warm_build(self, data: TrainData, tensors: dict[str, torch.Tensor]) -> None:
-        self.tower = self.build_tower(data)
-
-    def encode_item_rows(self, data: TrainData, items: np.ndarray) -> np.ndarray:
-        return F.normalize(self.tower.items(torch.as_tensor(items, dtype=torch.int64)), dim=1).numpy()
-
-    def encode_user_rows(self, data: TrainData, users: np.ndarray) -> np.ndarray:
-        return self.encode_users(data, users)[0]
-
-    def set_vectors(self, item_vectors: np.ndarray, user_vectors: np.ndarray) -> None:
-        super().set_vectors(item_vectors, user_vectors)
-        self.interest_counts = (self.user_vectors != 0).any(axis=2).sum(axis=1).astype(np.int32)

@@ -1,5 +1,6 @@
-"""Neighbour lists shared by every model: cosine kNN over vectors (faiss), row-wise top-k of sparse and dense
-score matrices, and capped user histories for the co-occurrence models. No model imports another model."""
+"""Neighbour lists shared by every model: cosine kNN over vectors (faiss) or over one-hot side information,
+row-wise top-k of sparse and dense score matrices, and capped user histories for the co-occurrence models. No
+model imports another model."""
 
 from __future__ import annotations
 
@@ -156,3 +157,38 @@ def capped_histories(data: TrainData, max_history: int | None) -> tuple[np.ndarr
     uid = data.user_idx[keep].astype(np.int64)
     capped = lengths - keep_from
     return (data.item_idx[keep].astype(np.int64), data.ts[keep], uid, pos[keep] - keep_from[uid], capped)
+
+
+def side_info_neighbors(codes: np.ndarray, sizes: list[int], query: np.ndarray, candidates: np.ndarray,
+                        counts: np.ndarray, k: int, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 [Q, k] nearest candidates, -1 pads; float32 scores) of each query item by side information: cosine of
+    the items' one-hot attribute codes (a bag column's values weigh 1/n each), only candidates sharing ≥ 1 value;
+    ties broken by more `counts`, then the lower index."""
+    n, n_cols, width = codes.shape
+    if n_cols == 0 or len(query) == 0 or len(candidates) == 0:
+        return np.full((len(query), k), -1, np.int64), np.zeros((len(query), k), np.float32)
+    offs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    filled = codes >= 0
+    nfill = np.maximum(filled.sum(2, keepdims=True), 1)
+    w = np.where(filled, 1.0 / nfill, 0.0)
+    rows = np.broadcast_to(np.arange(n)[:, None, None], codes.shape)[filled]
+    cols = (codes + offs[None, :, None])[filled]
+    x = sp.csr_matrix((w[filled], (rows, cols)), shape=(n, int(np.sum(sizes))))
+    norm = np.sqrt(np.asarray(x.multiply(x).sum(1)).ravel())
+    x = sp.diags(1.0 / np.maximum(norm, 1e-12)) @ x
+    xc = x[candidates].T.tocsc()
+    tie = np.argsort(np.lexsort((candidates, -np.asarray(counts)[candidates])))  # rank of each candidate
+    out = np.full((len(query), k), -1, np.int64)
+    score = np.zeros((len(query), k), np.float32)
+    kk = min(k, len(candidates))
+    for a in range(0, len(query), chunk):
+        s = (x[query[a:a + chunk]] @ xc).toarray()
+        key = s - 1e-9 * tie[None, :] / len(candidates)  # equal similarity: the better tie rank first
+        top = np.argpartition(-key, kk - 1, axis=1)[:, :kk]
+        order = np.argsort(-np.take_along_axis(key, top, 1), axis=1)
+        top = np.take_along_axis(top, order, 1)
+        sc = np.take_along_axis(s, top, 1)
+        ok = sc > 1e-9
+        out[a:a + chunk, :kk] = np.where(ok, candidates[top], -1)
+        score[a:a + chunk, :kk] = np.where(ok, sc, 0.0)
+    return out, score

@@ -28,13 +28,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from trainer.channels.embedding import EmbeddingChannel
+from trainer.data.examples import sequence_pairs
 from trainer.data.train_data import TrainData
-from trainer.graph.sage import GraphEncoder, Table
-from trainer.graph.walks import bipartite, importance_neighbors, ppr_rank_window, uniform_neighbors
-from trainer.nn.encoding import encode_attrs
+from trainer.graph.sage import GraphEncoder, Table, pair_edges, uniform_tables
+from trainer.graph.walks import bipartite, importance_neighbors, ppr_rank_window
+from trainer.nn.encoding import item_tower_encoding
 from trainer.nn.loop import Batch, LoopConfig, adam, seeded, train_loop
 from trainer.nn.losses import triplet_hinge
-from trainer.nn.negatives import PowerSampler
+from trainer.nn.negatives import PowerSampler, curriculum_count, draw_hard, rank_window
 from trainer.nn.towers import ItemTower
 
 
@@ -91,51 +92,6 @@ class PinSageParams(BaseModel):
         return v
 
 
-def sequence_pairs(user_idx: np.ndarray, item_idx: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
-    """(q, i) int64: i clicked 1…`window` positions after q by the same user (interactions ordered by user, time)."""
-    qs, is_ = [], []
-    for d in range(1, window + 1):
-        same = user_idx[d:] == user_idx[:-d]
-        qs.append(item_idx[:-d][same])
-        is_.append(item_idx[d:][same])
-    q = np.concatenate(qs).astype(np.int64) if qs else np.zeros(0, np.int64)
-    i = np.concatenate(is_).astype(np.int64) if is_ else np.zeros(0, np.int64)
-    keep = q != i
-    return q[keep], i[keep]
-
-
-def rank_window(hard_from: float, hard_to: float, n_catalog: int) -> tuple[int, int]:
-    """The 0-based PPR rank window [lo, hi) of hard negatives: values < 1 are fractions of the catalogue."""
-    lo = int(round(hard_from * n_catalog)) if hard_from < 1 else int(hard_from)
-    hi = int(round(hard_to * n_catalog)) if hard_to < 1 else int(hard_to)
-    return lo, min(hi, max(n_catalog - 1, 0))
-
-
-def curriculum_count(epoch: int, curriculum: bool, hard_max: int | None, epochs: int) -> int:
-    """Hard negatives per query in 0-based `epoch`: epoch n = epoch + 1 adds n − 1 (capped at hard_max) with the
-    curriculum, else hard_max (null: epochs − 1) from the start."""
-    cap = hard_max if hard_max is not None else max(epochs - 1, 0)
-    return min(epoch, cap) if curriculum else cap
-
-
-def pair_edges(q: np.ndarray, i: np.ndarray, n_items: int) -> np.ndarray:
-    """Sorted int64 keys (node · n_items + neighbour) of the edges q → i and i → q of a batch's training pairs:
-    removed from every neighbourhood of that batch (GraphEncoder `forbid`)."""
-    return np.unique(np.concatenate([q * n_items + i, i * n_items + q]))
-
-
-def draw_hard(pools: np.ndarray, queries: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """int64 [len(queries), k]: k hard negatives per query drawn uniformly (with replacement) from its pool's
-    filled slots; -1 where the pool is empty."""
-    if k == 0:
-        return np.zeros((len(queries), 0), np.int64)
-    pool = pools[queries]
-    filled = (pool >= 0).sum(1)
-    slot = np.floor(rng.random((len(queries), k)) * np.maximum(filled, 1)[:, None]).astype(np.int64)
-    out = np.take_along_axis(pool, slot, axis=1)  # pools are filled left to right
-    return np.where(filled[:, None] > 0, out, -1)
-
-
 class PinSageChannel(EmbeddingChannel):
     """PinSAGE / GraphSAGE item embeddings → i2i cosine lists."""
 
@@ -182,8 +138,7 @@ class PinSageChannel(EmbeddingChannel):
     def _build(self, data: TrainData) -> None:
         p: PinSageParams = self.params
         n = data.n_items
-        self.item_enc = encode_attrs(data.item_attrs if p.use_item_attrs else None, n, multi_valued=True,
-                                     categorical=(data.category_column or "",))
+        self.item_enc = item_tower_encoding(data.item_attrs if p.use_item_attrs else None, n, data.category_column)
         item_emb = torch.nn.Embedding(n + 1, p.emb_dim, padding_idx=n)
         torch.nn.init.normal_(item_emb.weight, std=0.05)
         with torch.no_grad():
@@ -197,13 +152,7 @@ class PinSageChannel(EmbeddingChannel):
         p: PinSageParams = self.params
         if p.variant == "pinsage":
             return [(torch.as_tensor(self.neighbors), torch.as_tensor(self.neighbor_weights))]
-        items = np.arange(self.item_users.n_src, dtype=np.int64)
-        out = []
-        for _ in range(p.num_layers):
-            nb = uniform_neighbors(self.item_users, self.user_items, items, p.num_neighbors, rng)
-            w = (nb >= 0).astype(np.float32)
-            out.append((torch.as_tensor(nb), torch.as_tensor(w / np.maximum(w.sum(1, keepdims=True), 1.0))))
-        return out
+        return uniform_tables(self.item_users, self.user_items, p.num_neighbors, p.num_layers, rng)
 
     def _train(self, data: TrainData, rng: np.random.Generator) -> None:
         p: PinSageParams = self.params

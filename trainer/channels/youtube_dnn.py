@@ -16,25 +16,21 @@ Training (see docs/channels.md, "YouTubeDNN"):
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from common.towers import export_tower, history_inputs, input_meta
-from common.towers.youtube_dnn import YouTubeDNNTower, powers, quantile_cdf
-from trainer.channels.warm_tower import WarmTowerChannel
-from trainer.data.io import item_field_column
+from common.towers.youtube_dnn import YouTubeDNNTower
+from trainer.channels.hooks.youtube_dnn import YouTubeDNNHooks
+from trainer.data.examples import sample_per_user
 from trainer.data.train_data import TrainData
-from trainer.nn.encoding import TOWER, codes_from_vocab, encode_attrs, encode_column, value_strings
 from trainer.nn.loop import Batch, LoopConfig, adam, seeded, train_loop, unique_parameters
 from trainer.nn.losses import SampledSoftmax
 from trainer.nn.negatives import PowerSampler
-from trainer.nn.warm_start import RowTable, WarmState, extend_codes
-
-ZIP_NAMES = ("zip", "postcode", "postal")
+from trainer.nn.user_inputs import drop_user_ids, trained_users
+from trainer.nn.warm_start import WarmState
+from trainer.nn.youtube_inputs import age_edges, continuous_edges, example_age, item_tokens, user_attrs
 
 
 class YouTubeDNNParams(BaseModel):
@@ -88,127 +84,28 @@ class YouTubeDNNParams(BaseModel):
         return self
 
 
-def zip_prefix_column(name: str, values: pd.Series, n_chars: int) -> tuple[np.ndarray, dict[str, int], int] | None:
-    """A zip/postcode column as the category of its first `n_chars` characters: (codes [n_rows], vocab mapping
-    every spelling of each *raw* value to its prefix's code — what a request sends —, number of codes), or None."""
-    raw = values.reset_index(drop=True)
-    col = encode_column(name, raw.astype("string").str.strip().str[:n_chars], options=TOWER)
-    if col is None:
-        return None
-    codes = col.codes[:, 0].astype(np.int64)
-    uniq = pd.DataFrame({"v": raw.astype(object), "c": codes})[raw.notna().to_numpy()].drop_duplicates("v")
-    vocab = {key: int(c) for v, c in zip(uniq["v"], uniq["c"], strict=True) if c > 0 for key in value_strings(v)}
-    return codes, vocab, col.size
-
-
-def sample_per_user(cand: np.ndarray, cand_user: np.ndarray, k: int | None,
-                    rng: np.random.Generator) -> np.ndarray:
-    """`k` of each user's candidate positions, drawn without replacement (all of them when a user has ≤ k);
-    `cand` grouped by user (`cand_user` non-decreasing). Vectorised: one random key per candidate, ranked within
-    its user."""
-    if k is None:
-        return cand
-    keys = rng.random(len(cand))
-    order = np.lexsort((keys, cand_user))  # user blocks stay where they are, shuffled inside
-    start = np.searchsorted(cand_user, cand_user[order], side="left")
-    rank = np.arange(len(cand)) - start
-    return np.sort(cand[order][rank < k])
-
-
-class YouTubeDNNChannel(WarmTowerChannel):
+class YouTubeDNNChannel(YouTubeDNNHooks):
     """YouTubeDNN u2i channel: request-time user tower, softmax output embeddings as item vectors."""
 
     model = "youtube_dnn"
     kinds = ("u2i",)
     Params = YouTubeDNNParams
 
-    # -- features ---------------------------------------------------------------------------------
     def _prepare(self, data: TrainData) -> None:
-        """Attribute codes, item token table, training candidates and the continuous features' quantiles."""
+        """Attribute codes, item token table, training candidates and the continuous features' quantiles
+        (trainer/nn/youtube_inputs.py)."""
         p: YouTubeDNNParams = self.params
-        ua = data.user_attrs if p.use_user_attrs else None
-        zips = [c for c in (ua.columns if ua is not None else []) if any(z in str(c).lower() for z in ZIP_NAMES)]
-        enc = encode_attrs(ua.drop(columns=zips) if ua is not None else None, data.n_users, multi_valued=False,
-                           max_numeric_values=2000)
-        cols, vocab, sizes = list(enc.columns), dict(enc.vocab), list(enc.sizes)
-        codes = [enc.codes[:, :, 0]] if enc.columns else []
-        for z in zips if p.zip_prefix > 0 else []:
-            got = zip_prefix_column(str(z), ua[z], p.zip_prefix)
-            if got is not None:
-                cols.append(str(z))
-                vocab[str(z)], codes = got[1], codes + [got[0][:, None]]
-                sizes.append(got[2])
-        self.attr_columns, self.attr_vocab, self.attr_sizes = cols, vocab, sizes
-        self.user_attr_codes = (np.hstack(codes) if codes else np.zeros((data.n_users, 1), np.int64)).astype(np.int64)
-        self._item_tokens(data)
-        self._candidates(data)
-        self.cont_edges = self._continuous_edges(data)
-        ages = np.log1p(np.maximum(self.cutoff - data.ts[self.cand], 0)).astype(np.float64)
-        self.age_edges = self._edges(ages, force_zero=True)
-
-    def _candidates(self, data: TrainData) -> None:
-        """Training candidates: every position with at least one earlier item of the same user; the cut-off time."""
-        pos = np.arange(len(data.item_idx), dtype=np.int64)
-        self.cand = pos[pos > data.user_ptr[data.user_idx]]
-        self.cand_user = data.user_idx[self.cand].astype(np.int64)
-        self.cutoff = int(data.ts.max()) if len(data.ts) else 0
-
-    def _item_tokens(self, data: TrainData) -> None:
-        """int64 [n_items + 1, F, W]: each item's codes in each token field, offset into one table (0 = none)."""
-        p: YouTubeDNNParams = self.params
-        fields: list[np.ndarray] = []
-        size, used, vocab = 1, [], []
-        for f in dict.fromkeys(p.token_fields):
-            col = item_field_column(data.item_attrs, f)
-            if col is None or col in used:
-                continue
-            cc = encode_column(col, data.item_attrs[col], multi=True, options=TOWER) if data.n_items else None
-            if cc is None:
-                continue
-            c = np.where(cc.codes > 0, cc.codes + size - 1, 0)  # code k ≥ 1 → row size-1+k; rare/none → 0
-            fields.append(c)
-            vocab.append({"column": col, "vocab": cc.vocab, "offset": size - 1})
-            size += cc.size - 1
-            used.append(col)
-        self.token_fields_used, self.token_size, self.token_vocab = used, size, vocab
-        width = max((f.shape[1] for f in fields), default=1)
-        tok = np.zeros((data.n_items + 1, max(len(fields), 1), width), np.int64)
-        for j, f in enumerate(fields):
-            tok[: data.n_items, j, : f.shape[1]] = f
-        self.item_tokens = tok
-
-    def _edges(self, values: np.ndarray, force_zero: bool = False) -> np.ndarray:
-        q = self.params.n_quantiles
-        if len(values) == 0:
-            return np.arange(q + 1, dtype=np.float32)
-        e = np.quantile(values, np.linspace(0, 1, q + 1)).astype(np.float32)
-        if force_zero:
-            e[0] = 0.0
-        return e
-
-    def _continuous_edges(self, data: TrainData) -> np.ndarray:
-        """[2, Q+1]: quantiles of log1p(history length) and log1p(last gap, where known) over the candidates."""
-        g, start = self.cand, data.user_ptr[self.cand_user]
-        n = np.minimum(g - start, self.params.recent_n)
-        has2 = g - 2 >= start
-        t1, t2 = data.ts[g - 1], data.ts[np.maximum(g - 2, 0)]
-        known = has2 & (t1 > 0) & (t2 > 0)
-        gap = np.maximum(t1 - t2, 0)[known]
-        return np.stack([self._edges(np.log1p(n).astype(np.float64)), self._edges(np.log1p(gap).astype(np.float64))])
-
-    def _inputs(self, data: TrainData, users: np.ndarray, end: np.ndarray) -> tuple[torch.Tensor, ...]:
-        """(user, attrs, recent, recent_ts): the encoding of common/towers/inputs.py (the one serving uses)."""
-        x = history_inputs(users, self.user_attr_codes[users], data.item_idx, data.user_ptr[users], end,
-                           self.params.recent_n, data.n_items, ts=data.ts)
-        return tuple(torch.as_tensor(a) for a in x)
-
-    def example_age(self, data: TrainData, positions: np.ndarray) -> torch.Tensor:
-        """[B, 3]: the normalised example age of training examples at `positions` (powers of its CDF; 0 at age 0)."""
-        age = torch.as_tensor(np.log1p(np.maximum(self.cutoff - data.ts[positions], 0)), dtype=torch.float32)
-        return powers(quantile_cdf(age, torch.as_tensor(self.age_edges)))
+        ua = user_attrs(data.user_attrs if p.use_user_attrs else None, data.n_users, p.zip_prefix)
+        self.attr_columns, self.attr_vocab, self.attr_sizes, self.user_attr_codes = ua.columns, ua.vocab, ua.sizes, ua.codes
+        tok = item_tokens(data, p.token_fields)
+        self.token_fields_used, self.token_size, self.token_vocab, self.item_tokens = tok.used, tok.size, tok.vocab, tok.table
+        self.set_candidates(data)
+        self.cont_edges = continuous_edges(data, self.cand, self.cand_user, p.recent_n, p.n_quantiles)
+        self.age_edges = age_edges(data, self.cand, self.cutoff, p.n_quantiles)
 
     # -- model --------------------------------------------------------------------------------------
     def _build_model(self, data: TrainData) -> None:
+        """The user tower, the training-only example-age projection, the softmax's output rows (item tower)."""
         p: YouTubeDNNParams = self.params
         self.tower = YouTubeDNNTower(data.n_items, p.recent_n, self.attr_sizes, p.emb_dim, p.dim, p.hidden,
                                      self.token_size, len(self.token_fields_used), self.item_tokens.shape[2],
@@ -219,8 +116,7 @@ class YouTubeDNNChannel(WarmTowerChannel):
             self.tower.item_tokens.copy_(torch.as_tensor(self.item_tokens))
             self.tower.cont_edges.copy_(torch.as_tensor(self.cont_edges))
             if p.use_user_id:
-                self.tower.trained_user[: data.n_users] = torch.as_tensor(np.bincount(
-                    self.cand_user, minlength=data.n_users)[: data.n_users] > 0)
+                self.tower.trained_user[: data.n_users] = trained_users(self.cand_user, data.n_users)
         # training-only: example age → first layer, no bias (f(0) = 0: the served tower has no age term)
         self.age_proj = torch.nn.Linear(3, p.hidden[0], bias=False) if p.example_age else None
         if p.share_item_emb:
@@ -245,13 +141,13 @@ class YouTubeDNNChannel(WarmTowerChannel):
                    rng: np.random.Generator | None = None) -> torch.Tensor:
         """User vectors of training examples at `positions` (history before them, plus their example age); with
         `rng` and use_user_id, a share `user_id_dropout` of them as the unknown user."""
-        uid, attrs, rec, rts = self._inputs(data, users, positions)
-        if rng is not None and self.params.use_user_id and self.params.user_id_dropout > 0:
-            drop = torch.as_tensor(rng.random(len(uid)) < self.params.user_id_dropout)
-            uid = torch.where(drop, torch.full_like(uid, data.n_users), uid)
+        p: YouTubeDNNParams = self.params
+        uid, attrs, rec, rts = self.user_inputs(data, users, positions)
+        if rng is not None and p.use_user_id:
+            uid = drop_user_ids(uid, p.user_id_dropout, data.n_users, rng)
         pre = self.tower.first(self.tower.features(uid, attrs, rec, rts))
         if self.age_proj is not None:
-            pre = pre + self.age_proj(self.example_age(data, positions))
+            pre = pre + self.age_proj(example_age(data, positions, self.cutoff, self.age_edges))
         return self.tower.output(pre)
 
     # -- training ---------------------------------------------------------------------------------
@@ -284,7 +180,6 @@ class YouTubeDNNChannel(WarmTowerChannel):
         # the sampler's counts (its log q) are those of every interaction so far, new events included
         self.softmax = SampledSoftmax(PowerSampler(data.item_counts, p.negatives_power), num_sampled=p.num_negatives,
                                       temperature=1.0, logq=p.logq, full_up_to=p.full_softmax_up_to)
-        opt = self.optimizer
 
         def examples(r: np.random.Generator) -> np.ndarray:
             if warm is not None:
@@ -296,65 +191,6 @@ class YouTubeDNNChannel(WarmTowerChannel):
             u = self.user_train(data, data.user_idx[g].astype(np.int64), g, rng)
             return self.softmax(u, torch.as_tensor(data.item_idx[g].astype(np.int64)), self.item_vectors_of, rng)
 
-        history = train_loop(batch_loss, examples, opt, self.loop_config, rng, modules=[] if warm else modules)
+        history = train_loop(batch_loss, examples, self.optimizer, self.loop_config, rng,
+                             modules=[] if warm else modules)
         self.losses, self.steps = history.losses, history.steps
-
-    # -- export -----------------------------------------------------------------------------------
-    def export_user_tower(self, data: TrainData) -> tuple[bytes, dict[str, Any]]:
-        """(state-dict bytes, user_tower_meta): arch "youtube_dnn", its hparams and the input meta."""
-        return export_tower(self.tower, input_meta(data.n_users, data.n_items, self.params.recent_n,
-                                                   self.attr_columns, self.attr_vocab))
-
-    @torch.no_grad()
-    def encode_users(self, data: TrainData, users: np.ndarray | None = None) -> np.ndarray:
-        """Served user vectors (example age 0) from each user's latest `recent_n` items and their times."""
-        users = np.arange(data.n_users) if users is None else np.asarray(users, np.int64)
-        out = [self.tower(*self._inputs(data, users[b:b + 4096], data.user_ptr[users[b:b + 4096] + 1])).numpy()
-               for b in range(0, len(users), 4096)]
-        width = self.params.dim + int(self.params.item_bias)
-        return np.concatenate(out) if out else np.zeros((0, width), np.float32)
-
-    # -- incremental updates between nightlies (docs/event_log.md; the mechanism: trainer/channels/warm_tower.py) --
-    def warm_modules(self) -> dict[str, torch.nn.Module]:
-        mods = {"tower": self.tower, "age_proj": self.age_proj, "item_b": self.item_b,
-                "item_out": None if self.params.share_item_emb else self.item_out}
-        return {k: m for k, m in mods.items() if m is not None}
-
-    def warm_tables(self) -> list[RowTable]:
-        """The history embeddings and token codes of the items, the softmax's output rows (and biases) — which grow
-        like the item table —, the user rows (use_user_id)."""
-        shared = self.params.share_item_emb
-        return [RowTable("tower.item_emb.weight", "item", history=True, item_vector=shared),
-                RowTable("tower.item_tokens", "item", train=False),
-                RowTable("tower.user_emb.weight", "user", new="unknown"),
-                RowTable("tower.trained_user", "user", train=False, derived=True, marks_trained=True),
-                RowTable("item_out.weight", "item", tail=0, item_vector=True),
-                RowTable("item_b.weight", "item", tail=0, item_vector=True)]
-
-    def warm_extra(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The user attribute codes and vocabularies, the token fields' vocabularies, the example-age quantiles."""
-        return {"user_attr_codes": torch.as_tensor(self.user_attr_codes)}, {
-            "attr_columns": self.attr_columns, "attr_vocab": self.attr_vocab, "attr_sizes": self.attr_sizes,
-            "token_vocab": self.token_vocab, "token_size": self.token_size, "age_edges": self.age_edges.tolist()}
-
-    def warm_prepare(self, data: TrainData, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        n_u0, n_i0 = int(meta["n_users"]), int(meta["n_items"])
-        self.attr_columns, self.attr_vocab, self.attr_sizes = meta["attr_columns"], meta["attr_vocab"], meta["attr_sizes"]
-        fields = [{"name": c, "vocab": self.attr_vocab[c], "kind": "categorical"} for c in self.attr_columns]
-        self.user_attr_codes = extend_codes(tensors["user_attr_codes"].numpy(), n_u0, data.n_users,
-                                            data.user_attrs if self.params.use_user_attrs else None, fields)
-        self.token_vocab, self.token_size = meta["token_vocab"], int(meta["token_size"])
-        self.token_fields_used = [f["column"] for f in self.token_vocab]
-        old = tensors["tower.item_tokens"].numpy()
-        new = np.zeros((data.n_items - n_i0, *old.shape[1:]), np.int64)
-        for j, f in enumerate(self.token_vocab):
-            if data.item_attrs is not None and f["column"] in data.item_attrs.columns and len(new):
-                c = codes_from_vocab(data.item_attrs[f["column"]].iloc[n_i0:], f["vocab"], True, old.shape[2])
-                new[:, j] = np.where(c > 0, c + f["offset"], 0)
-        self.item_tokens = np.concatenate([old[:n_i0], new, old[n_i0:]])
-        self.cont_edges = tensors["tower.cont_edges"].numpy()
-        self.age_edges = np.asarray(meta["age_edges"], np.float32)
-        self._candidates(data)  # the cut-off moves to the newest event: the new examples are the youngest
-
-    def encode_item_rows(self, data: TrainData, items: np.ndarray) -> np.ndarray:
-        return self.item_vectors_of(torch.as_tensor(items, dtype=torch.int64)).numpy()

@@ -6,6 +6,8 @@
     GraphEncoder   K SAGEConv layers over an input layer h0 (item features), then G2·ReLU(G1 z + g) (+ h0 with
                    `residual`, as DGL's PinSAGE example), L2-normalised; computes only the nodes a batch needs,
                    layer by layer (unique nodes, as DGL's blocks), and the input layer once per call
+    uniform_tables GraphSAGE's neighbour tables: one uniform 2-hop sample per layer
+    pair_edges     the edges of a batch's training pairs, for `forbid`
 
 A neighbour table is (nbr int64 [n_items, T], -1 = empty slot; w float32 [n_items, T], weights of a row sum to 1
 or 0). `forbid` removes (node, neighbour) edges for one batch at every layer — the training pairs' own edges
@@ -16,9 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from trainer.graph.walks import CSRGraph, uniform_neighbors
 
 Table = tuple[torch.Tensor, torch.Tensor]  # (nbr int64 [n, T], w float32 [n, T])
 
@@ -91,3 +96,22 @@ class GraphEncoder(nn.Module):
         if self.res is not None:
             z = z + self.res(h_items)
         return F.normalize(z, dim=1)
+
+
+def uniform_tables(item_users: CSRGraph, user_items: CSRGraph, num_neighbors: int, num_layers: int,
+                   rng: np.random.Generator) -> list[Table]:
+    """GraphSAGE's neighbour tables: one uniform item → user → item sample of `num_neighbors` per layer, weights
+    uniform over the filled slots."""
+    items = np.arange(item_users.n_src, dtype=np.int64)
+    out = []
+    for _ in range(num_layers):
+        nb = uniform_neighbors(item_users, user_items, items, num_neighbors, rng)
+        w = (nb >= 0).astype(np.float32)
+        out.append((torch.as_tensor(nb), torch.as_tensor(w / np.maximum(w.sum(1, keepdims=True), 1.0))))
+    return out
+
+
+def pair_edges(q: np.ndarray, i: np.ndarray, n_items: int) -> np.ndarray:
+    """Sorted int64 keys (node · n_items + neighbour) of the edges q → i and i → q of a batch's training pairs:
+    removed from every neighbourhood of that batch (GraphEncoder `forbid`)."""
+    return np.unique(np.concatenate([q * n_items + i, i * n_items + q]))

@@ -144,6 +144,19 @@ def encode_attrs(df: pd.DataFrame | None, n_rows: int, multi_valued: bool | Coll
     return enc
 
 
+def user_tower_encoding(attrs: pd.DataFrame | None, n_users: int) -> tuple[AttrEncoding, np.ndarray]:
+    """A request-time user tower's attributes: (single-valued encoding, codes [n_users + 1, A] whose last row is the
+    unknown user, all unknown; one zero column without attributes)."""
+    enc = encode_attrs(attrs, n_users, multi_valued=False, max_numeric_values=2000)
+    ua = enc.codes[:, :, 0] if enc.columns else np.zeros((n_users, 1), np.int64)
+    return enc, np.vstack([ua, np.zeros((1, ua.shape[1]), np.int64)])
+
+
+def item_tower_encoding(attrs: pd.DataFrame | None, n_items: int, category_column: str | None) -> AttrEncoding:
+    """An item tower's side information: bags of every column, the category column categorical."""
+    return encode_attrs(attrs, n_items, multi_valued=True, categorical=(category_column or "",))
+
+
 def encode_column(name: str, s: pd.Series, multi: bool = False, options: EncodeOptions = TOWER) -> ColumnCodes | None:
     """Codes of one column (row i = position i), or None when it is unusable (empty, id-like, too many values)."""
     o = options

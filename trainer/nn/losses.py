@@ -5,6 +5,7 @@ A loss takes positive logits `pos` [B] and negative logits `neg` [B, K] with an 
 (False: an accidental hit — the negative is the row's positive — or padding; it then counts for nothing):
 
     softmax_loss       softmax cross-entropy over [pos, valid negs]   (in-batch / sampled / full softmax)
+    candidate_softmax_loss   softmax_loss over shared candidates that start with the rows' own positives
     bce_loss           pointwise BCE, positive → 1, negatives → 0 (`balance`: the positive weighs as much as
                        its K negatives together; else every pair one term, the classic 1:K ratio)
     triplet_hinge      mean over negatives of max(0, m − (pos − neg)·τ)   (margin m in score units)
@@ -78,6 +79,16 @@ def softmax_loss(pos: torch.Tensor, neg: torch.Tensor, valid: torch.Tensor | Non
         neg = neg.masked_fill(~valid, float("-inf"))
     lse_neg = torch.logsumexp(neg, dim=1)
     return _reduce(torch.logaddexp(pos, lse_neg).sub(pos), reduction)
+
+
+def candidate_softmax_loss(user_vecs: torch.Tensor, cand_vecs: torch.Tensor, cand_ids: np.ndarray,
+                           temperature: float = 1.0, log_q: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax over shared candidates [C] whose first B are the B rows' positives (row i's is candidate i): each
+    row's positive against every candidate, its own item (and copies of it) masked; logits minus log q [C]."""
+    n = len(user_vecs)
+    pos = pair_logits(user_vecs, cand_vecs[:n], temperature, None if log_q is None else log_q[:n])
+    neg = logits(user_vecs, cand_vecs, temperature, log_q)
+    return softmax_loss(pos, neg, torch.as_tensor(cand_ids[None, :] != cand_ids[:n, None]))
 
 
 def bce_loss(pos: torch.Tensor, neg: torch.Tensor, valid: torch.Tensor | None = None,

@@ -1,5 +1,6 @@
 """Negatives (and the probabilities that correct for them): the count^power sampler, per-batch negative schemes,
-hard-negative mining from the current model, the logQ of each scheme, positive down-sampling, and the streaming
+pointwise negatives per positive (the user's own clicks masked), hard-negative mining (from the current model, or
+from personalised-PageRank rank pools with PinSAGE's curriculum) from the current model, the logQ of each scheme, positive down-sampling, and the streaming
 item-frequency estimator that gives in-batch negatives their q.
 
 Every draw comes from a seeded `numpy.random.Generator` passed in by the caller, so a training run is reproduced
@@ -31,6 +32,8 @@ from typing import Literal
 
 import numpy as np
 import torch
+
+from trainer.data.train_data import TrainData
 
 # schemes of `batch_negatives`: the other positives of the batch, a shared sample ∝ count^power, both, hard
 # (part per-row model ranks, part sample), or the whole catalogue
@@ -108,6 +111,24 @@ def batch_negatives(scheme: Scheme, pos: np.ndarray, rng: np.random.Generator, s
     return torch.as_tensor(np.asarray(shared, np.int64)), n_hard
 
 
+def observed_pairs(data: TrainData) -> np.ndarray:
+    """Sorted user·n_items + item keys of the training interactions (what `pointwise_examples` masks)."""
+    return np.unique(data.user_idx.astype(np.int64) * data.n_items + data.item_idx)
+
+
+def pointwise_examples(data: TrainData, rows: np.ndarray, k: int, sampler: PowerSampler, observed: np.ndarray | None,
+                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(items int64 [B, 1+k]: each row's positive then k sampled items, valid bool [B, k]: the sampled item is not
+    the positive nor, with `observed` (sorted user·n_items + item keys), an item the user clicked in training)."""
+    pos = data.item_idx[rows].astype(np.int64)
+    neg = sampler.sample(rng, len(rows) * k).reshape(len(rows), k)
+    valid = neg != pos[:, None]
+    if observed is not None and len(observed):
+        key = data.user_idx[rows].astype(np.int64)[:, None] * data.n_items + neg
+        valid &= observed[np.minimum(np.searchsorted(observed, key), len(observed) - 1)] != key
+    return np.concatenate([pos[:, None], neg], axis=1), valid
+
+
 def hard_negatives(user_vecs: torch.Tensor, item_vecs: torch.Tensor, k: int, rng: np.random.Generator,
                    hard_from: int, hard_to: int) -> torch.Tensor:
     """int64 [B, k]: per row, uniform draws among the items the model ranks [hard_from, hard_to) for that user
@@ -136,6 +157,35 @@ class HardNegativeMiner:
             with torch.no_grad():
                 self.item_cache = encode_items()
         return hard_negatives(user_vecs, self.item_cache, k, rng, self.hard_from, self.hard_to)
+
+
+# -- hard negatives from personalised-PageRank ranks (PinSAGE) -----------------------------------------------------
+
+
+def rank_window(hard_from: float, hard_to: float, n_catalog: int) -> tuple[int, int]:
+    """The 0-based PPR rank window [lo, hi) of hard negatives: values < 1 are fractions of the catalogue."""
+    lo = int(round(hard_from * n_catalog)) if hard_from < 1 else int(hard_from)
+    hi = int(round(hard_to * n_catalog)) if hard_to < 1 else int(hard_to)
+    return lo, min(hi, max(n_catalog - 1, 0))
+
+
+def curriculum_count(epoch: int, curriculum: bool, hard_max: int | None, epochs: int) -> int:
+    """Hard negatives per query in 0-based `epoch`: epoch n = epoch + 1 adds n − 1 (capped at hard_max) with the
+    curriculum, else hard_max (null: epochs − 1) from the start."""
+    cap = hard_max if hard_max is not None else max(epochs - 1, 0)
+    return min(epoch, cap) if curriculum else cap
+
+
+def draw_hard(pools: np.ndarray, queries: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """int64 [len(queries), k]: k hard negatives per query drawn uniformly (with replacement) from its pool's
+    filled slots; -1 where the pool is empty."""
+    if k == 0:
+        return np.zeros((len(queries), 0), np.int64)
+    pool = pools[queries]
+    filled = (pool >= 0).sum(1)
+    slot = np.floor(rng.random((len(queries), k)) * np.maximum(filled, 1)[:, None]).astype(np.int64)
+    out = np.take_along_axis(pool, slot, axis=1)  # pools are filled left to right
+    return np.where(filled[:, None] > 0, out, -1)
 
 
 def candidate_log_q(scheme: Scheme, ids: torch.Tensor, batch_size: int, n_random: int, sampler: PowerSampler,

@@ -1,6 +1,6 @@
 """An ASGI front that serves one hot route past FastAPI's middleware stack, routing and request object.
 
-Both services put their per-request endpoint behind it (GET /recall, POST /search/user): that machinery costs
+Both services put their per-request endpoints behind it (GET /recall, POST /search, POST /search/user): that machinery costs
 ≈ 0.15 ms of CPU a request here. The handler takes the query string (GET) or the whole body (POST) and returns
 (status, JSON bytes), turning every error into its answer itself; every other path, and /docs' description of
 the route, stays with the FastAPI app, whose own route for it answers the same way.

@@ -113,14 +113,12 @@ def merge_interests(per_interest: list[tuple[np.ndarray, np.ndarray]], k: int,
         return EMPTY_IDS, EMPTY_SCORES
     ids = np.concatenate([np.asarray(r[0], np.int64) for r in per_interest])
     scores = np.concatenate([np.asarray(r[1], np.float32) for r in per_interest])
-    ok = ids >= 0  # faiss pads short answers with -1
-    if not ok.all():
-        ids, scores = ids[ok], scores[ok]
-    order = np.lexsort((-scores, ids))  # by id, best score first
-    ids, scores = ids[order], scores[order]
-    first = np.ones(len(ids), bool)
-    first[1:] = ids[1:] != ids[:-1]
-    return top_k(ids[first], scores[first], k, exclude)
+    uniq, where = np.unique(ids, return_inverse=True)
+    best = np.full(len(uniq), -np.inf, np.float32)
+    np.maximum.at(best, where, scores)  # each item's best score over the interests
+    if len(uniq) and uniq[0] < 0:  # faiss pads short answers with -1
+        uniq, best = uniq[1:], best[1:]
+    return top_k(uniq, best, k, exclude)
 
 
 def retrieve_vectors(user_vecs: np.ndarray, item_vecs: np.ndarray, k: int,

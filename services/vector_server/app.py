@@ -179,22 +179,29 @@ def create_app(settings: Settings | None = None, poll_s: float | None = None) ->
     @app.post("/search", response_model=SearchAnswer, openapi_extra=search_schema, responses=search_errors)
     async def search(request: Request) -> Response:
         """Top-k items of a channel for a vector or a user (exactly one)."""
+        status, body = await answer_search(await request.body())
+        return Response(body, status_code=status, media_type="application/json")
+
+    async def answer_search(raw: bytes) -> tuple[int, bytes]:
+        """POST /search as (status, JSON body), every outcome included: it never raises."""
         t0 = time.perf_counter()
         channel = "?"
         try:
-            req = parse_search(await request.body(), settings.max_k)
+            req = parse_search(raw, settings.max_k)
             channel = req.channel if req.channel in svc.specs else svc.alias.get(req.channel, "_unknown")
             out, source = await svc.search(req)
         except HTTPError as exc:
             metrics.errors.labels(channel, str(exc.status)).inc()
-            return json_response({"detail": exc.detail}, exc.status)
+            return exc.status, orjson.dumps({"detail": exc.detail})
         except Exception as exc:  # a bug, not the client's fault: say so without a bare 500 page
             log.exception("search failed")
             metrics.errors.labels(channel, "500").inc()
-            return json_response({"detail": f"internal error: {type(exc).__name__}: {exc}"}, 500)
-        resp = json_response(out)
+            return 500, orjson.dumps({"detail": f"internal error: {type(exc).__name__}: {exc}"})
+        body = orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY)
         metrics.search_seconds.labels(channel, source).observe(time.perf_counter() - t0)
-        return resp
+        return 200, body
+
+    app.state.answer_search = answer_search
 
     user_search_schema = {
         "requestBody": {"required": True, "content": {"application/json": {"schema": {
@@ -284,5 +291,6 @@ def app_from_env() -> http_guard.HttpGuard:
     """uvicorn factory (`--workers N` imports the app by name in each worker)."""
     settings = get_settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    app = create_app(settings)  # POST /search/user past FastAPI's routing (common/fast_path.py), all behind the guard
-    return http_guard.HttpGuard(FastPath(app, "POST", "/search/user", app.state.answer_user), settings)
+    app = create_app(settings)  # POST /search/user and /search past FastAPI's routing (common/fast_path.py), all
+    fast = FastPath(app, "POST", "/search/user", app.state.answer_user)  # behind the guard
+    return http_guard.HttpGuard(FastPath(fast, "POST", "/search", app.state.answer_search), settings)

@@ -6,7 +6,9 @@ and the user tower (`common.towers` arch "sdm"), which the vector server runs on
 Training is seq2seq-style, as the authors' code: each user's history is cut into windows of ≤ `short_n` items
 (at sessions too, with `session_gap_s`; the grid's offset is drawn per user each epoch), the long-term input of a
 window is the `recent_n − short_n` items before it, and one forward with a causal mask gives a user vector at
-every position of the window, each predicting the next item with a (sampled) softmax. See docs/channels.md ("SDM").
+every position of the window, each predicting the next item with a (sampled) softmax over output item vectors: the
+separate output id embedding, with `item_attrs` combined with the item's attribute bags (trainer/channels/sdm_train.py;
+precomputed, so serving is unchanged). See docs/channels.md ("SDM").
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from common.towers import export_tower, history_inputs, input_meta, recent_matrix
 from common.towers.sdm import SDMTower
+from trainer.channels.sdm_train import ItemSide
 from trainer.channels.warm_tower import WarmTowerChannel
 from trainer.data.sessions import session_bounds, split_sessions
 from trainer.data.train_data import TrainData
@@ -54,6 +57,9 @@ class SDMParams(BaseModel):
     use_user_id: bool = True
     use_user_attrs: bool = True
     user_id_dropout: float = Field(0.3, ge=0, le=1, description="share of windows trained as an unknown user")
+    item_attrs: bool = Field(True, description="output item vector = normalise(W [output id emb; the item's "
+                             "attribute bags (genres, release date, …)] + b) (precomputed; serving unchanged); off: "
+                             "the output id embedding alone")
     normalize: bool = Field(True, description="L2-normalise user and item vectors (logits = cos/τ)")
     temperature: float = Field(0.1, gt=0, le=10)
     negatives: Literal["sampled"] = Field("sampled", description="sampled softmax (full softmax on catalogues of at "
@@ -151,6 +157,9 @@ class SDMChannel(WarmTowerChannel):
             sizes.append(len(names))
         self.side_sizes = sizes
         self.item_codes = np.stack(codes, axis=1) if codes else np.zeros((data.n_items, 0), np.int64)
+        if p.item_attrs:
+            self.item_enc = encode_attrs(data.item_attrs, data.n_items, multi_valued=True,
+                                         categorical=(data.category_column or "",))
 
     def _build_model(self, data: TrainData) -> None:
         p: SDMParams = self.params
@@ -164,9 +173,12 @@ class SDMChannel(WarmTowerChannel):
                 self.tower.item_codes[: data.n_items] = torch.as_tensor(self.item_codes)
         self.out_emb = torch.nn.Embedding(max(data.n_items, 1), p.dim)  # the separate output item embedding
         torch.nn.init.normal_(self.out_emb.weight, std=0.05)
+        self.item_side = ItemSide(self.item_enc.codes, self.item_enc.sizes, p.dim, p.normalize) if p.item_attrs else None
 
     def item_vectors_of(self, ids: torch.Tensor) -> torch.Tensor:
         v = self.out_emb(ids)
+        if self.item_side is not None:
+            return self.item_side(v, ids)
         return F.normalize(v, dim=-1) if self.params.normalize else v
 
     def window_inputs(self, data: TrainData, start: np.ndarray, length: np.ndarray
@@ -206,7 +218,7 @@ class SDMChannel(WarmTowerChannel):
         optimiser and the modules as `warm` left them (frozen)."""
         p: SDMParams = self.params
         self.losses: list[float] = []
-        self.optimizer = warm.optimizer if warm else adam(unique_parameters(self.tower, self.out_emb),
+        self.optimizer = warm.optimizer if warm else adam(unique_parameters(*self.warm_modules().values()),
                                                           self.loop_config)
         if len(data.item_idx) < 2:
             return
@@ -241,7 +253,7 @@ class SDMChannel(WarmTowerChannel):
             return softmax(self.tower.output(o[has]), target[has], self.item_vectors_of, rng)
 
         history = train_loop(batch_loss, examples, opt, self.loop_config, rng,
-                             modules=[] if warm else [self.tower, self.out_emb])
+                             modules=[] if warm else list(self.warm_modules().values()))
         self.losses = history.losses
 
     # -- export -----------------------------------------------------------------------------------
@@ -270,7 +282,8 @@ class SDMChannel(WarmTowerChannel):
 
     # -- incremental updates between nightlies (docs/event_log.md; the mechanism: trainer/channels/warm_tower.py) --
     def warm_modules(self) -> dict[str, torch.nn.Module]:
-        return {"tower": self.tower, "out_emb": self.out_emb}
+        side = {"item_side": self.item_side} if self.item_side is not None else {}
+        return {"tower": self.tower, "out_emb": self.out_emb, **side}
 
     def warm_tables(self) -> list[RowTable]:
         """The input item embeddings (short- and long-term behaviours) and side codes, the output item embeddings,
@@ -282,8 +295,8 @@ class SDMChannel(WarmTowerChannel):
                 RowTable("tower.trained_user", "user", train=False, derived=True, marks_trained=True)]
 
     def warm_extra(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The user attribute codes and vocabularies, the side fields' value names."""
-        tensors, meta = self.attrs_checkpoint(items=False)
+        """The user (and, with `item_attrs`, item) attribute codes and vocabularies, the side fields' value names."""
+        tensors, meta = self.attrs_checkpoint(items=self.item_side is not None)
         return tensors, {**meta, "side_fields": self.side_fields, "side_names": self.side_names}
 
     def warm_prepare(self, data: TrainData, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

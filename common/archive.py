@@ -37,6 +37,11 @@ def update_digest(h: hashlib._Hash, value: bytes) -> None:
     h.update(value)
 
 
+def update_digest_many(h: hashlib._Hash, values: list[bytes]) -> None:
+    """`update_digest` of each value in order, hashed in one call."""
+    h.update(b"".join(b for v in values for b in (len(v).to_bytes(_LEN, "little"), v)))
+
+
 def value_digest(values: Iterable[bytes | None]) -> str:
     """'sha256:<hex>' of the present values in order (None, a key not in Redis, is skipped)."""
     h = new_digest()
@@ -74,6 +79,17 @@ class KvWriter:
         self._fh.write(rec)
         self._h.update(rec)
         self.records += 1
+
+    def write_many(self, pairs: list[tuple[str, bytes]]) -> None:
+        """`write` each (key, value) in order, as one write."""
+        recs = []
+        for key, value in pairs:
+            k = key.encode()
+            recs += (len(k).to_bytes(_LEN, "little"), len(value).to_bytes(_LEN, "little"), k, value)
+        block = b"".join(recs)
+        self._fh.write(block)
+        self._h.update(block)
+        self.records += len(pairs)
 
     def close(self) -> dict[str, Any]:
         """Flush to disk; the file's record count, size and sha256."""

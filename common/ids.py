@@ -6,6 +6,7 @@ different channel versions share one index space.
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -38,25 +39,92 @@ def distinct_values(s: pd.Series) -> tuple[np.ndarray, pd.Series] | None:
     return codes.astype(np.int64, copy=False), pd.Series(uniq)
 
 
-def str_objects(s: pd.Series) -> np.ndarray:
+def column_distinct(df: pd.DataFrame, column: str) -> tuple[np.ndarray, pd.Series] | None:
+    """`distinct_values(df[column])`, once per tracked frame (`frame_memo`)."""
+    def compute():
+        d = distinct_values(df[column])
+        return d if d is None else (d[0].astype(np.int32), d[1])  # int32: kept with the frame
+
+    return frame_memo(df, ("distinct", column), (column,), compute)
+
+
+def str_objects(s: pd.Series, d: tuple[np.ndarray, pd.Series] | None = None) -> np.ndarray:
     """`s.astype(str).to_numpy(object)` converted once per distinct value (missing stays missing); the rows share
-    one str object per value, which also saves ~50 bytes a row over a string per row."""
-    d = distinct_values(s)
+    one str object per value, which also saves ~50 bytes a row over a string per row. `d`: `distinct_values(s)`
+    when already known."""
+    d = distinct_values(s) if d is None else d
     if d is None:
         return s.astype(str).to_numpy(object)
     return d[1].astype(str).to_numpy(object)[d[0]] if len(d[0]) else np.empty(0, object)
+
+
+# loaded frame id → (weakref to the frame, {memo key: (the columns it was computed from, value)})
+_FRAMES: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def _same_column(kept: pd.Series, now: pd.Series) -> bool:
+    """Whether `now` still holds the data of `kept` (the same buffer, not equal values)."""
+    if kept.dtype != now.dtype or len(kept) != len(now):
+        return False
+    if isinstance(kept.dtype, np.dtype):
+        a, b = kept.to_numpy(), now.to_numpy()  # views of the column's block, no copy
+        return a.__array_interface__["data"] == b.__array_interface__["data"] and a.strides == b.strides
+    return kept.array is now.array
+
+
+def track_frame(df: pd.DataFrame) -> None:
+    """Let `frame_memo` keep what is computed from `df` (a loaded interactions frame) while `df` lives."""
+    key = id(df)
+    entry = _FRAMES.get(key)
+    if entry is None or entry[0]() is not df:
+        _FRAMES[key] = (weakref.ref(df, lambda _, key=key: _FRAMES.pop(key, None)), {})
+
+
+def frame_memo(df: pd.DataFrame, name: tuple, columns: tuple[str, ...], compute):
+    """`compute()`, computed once per frame given to `track_frame` while its `columns` hold the same data (elsewhere
+    computed on each call), so that the dedupe, ordering, id maps and features share one factorization and one
+    sort of a 10M-row log. The memo keeps a reference to each column: under copy-on-write, writing into the frame
+    then copies the column, which tells a changed column from the one the value was computed on."""
+    entry = _FRAMES.get(id(df))
+    if entry is None or entry[0]() is not df or not all(c in df.columns for c in columns):
+        return compute()
+    hit = entry[1].get(name)
+    if hit is not None and all(_same_column(k, df[c]) for k, c in zip(hit[0], columns, strict=True)):
+        return hit[1]
+    value = compute()
+    entry[1][name] = (tuple(df[c] for c in columns), value)
+    return value
+
+
+def remember_codes(df: pd.DataFrame, column: str, codes: np.ndarray, values: np.ndarray) -> None:
+    """Record that `df[column]` is `values[codes]` (distinct str values in first-appearance order; what `str_codes`
+    gives), e.g. the loader's factorization, for `id_codes`."""
+    track_frame(df)
+    frame_memo(df, ("codes", column), (column,), lambda: (codes, values))
+
+
+def id_codes(df: pd.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """`str_codes(df[column])`, computed once per tracked frame (`frame_memo`)."""
+    return frame_memo(df, ("codes", column), (column,), lambda: str_codes(df[column]))
+
+
+def sort_order(uniq: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(stable order that sorts distinct str ids as `sort_ids` does, whether two ids tie: numerically equal ids
+    such as "7" and "07", whose order then is their order in `uniq`)."""
+    num = pd.to_numeric(pd.Series(uniq, dtype=object), errors="coerce")
+    if len(uniq) and not num.isna().any() and (num == num.round()).all():
+        key = num.to_numpy()
+        order = np.argsort(key, kind="stable")
+        ranked = key[order]
+        return order, bool((ranked[1:] == ranked[:-1]).any())
+    return np.argsort(np.asarray(uniq, dtype=object), kind="stable"), False
 
 
 def sort_ids(values) -> np.ndarray:
     """Distinct ids as strings, numerically ordered when all are integers, else lexicographically."""
     fast = str_codes(values)
     uniq = fast[1] if fast is not None else pd.unique(pd.Series(values, dtype="string").astype(str))
-    num = pd.to_numeric(pd.Series(uniq), errors="coerce")
-    if len(uniq) and not num.isna().any() and (num == num.round()).all():
-        order = np.argsort(num.to_numpy(), kind="stable")
-    else:
-        order = np.argsort(uniq, kind="stable")
-    return np.asarray(uniq, dtype=object)[order]
+    return np.asarray(uniq, dtype=object)[sort_order(uniq)[0]]
 
 
 class IdMap:
@@ -79,13 +147,20 @@ class IdMap:
 
     def extend(self, values) -> int:
         """Append ids not yet present (in `sort_ids` order); returns how many were added."""
-        added = 0
-        for x in sort_ids(values):
-            if x not in self._index:
-                self._index[x] = len(self.ids)
-                self.ids.append(x)
-                added += 1
-        return added
+        return self.extend_sorted(sort_ids(values))
+
+    def extend_sorted(self, ids) -> int:
+        """Append the distinct str ids `ids` not yet present, in their order; returns how many were added."""
+        index = self._index
+        new = [x for x in ids if x not in index]
+        index.update(zip(new, range(len(self.ids), len(self.ids) + len(new)), strict=True))
+        self.ids.extend(new)
+        return len(new)
+
+    def indices(self, ids) -> np.ndarray:
+        """int64 index of each str id (-1 for unknown)."""
+        get = self._index.get
+        return np.fromiter((get(x, -1) for x in ids), np.int64, len(ids))
 
     def lookup(self, values) -> np.ndarray:
         """Indices of `values` (int64, -1 for unknown), vectorised through pandas."""

@@ -29,7 +29,7 @@ from common.archive import (
     KvWriter,
     hexdigest,
     new_digest,
-    update_digest,
+    update_digest_many,
     version_dirs,
     write_published,
 )
@@ -104,27 +104,39 @@ class Publisher:
         self.used_stores.add(store)
         client, n = self.stores(store), 0
         pipe = client.pipeline(transaction=False)
+        # one MSET per chunk on a single server: a SET per key costs more in the client than in Redis (a cluster
+        # spreads the keys over slots: SETs there)
+        mset = isinstance(client, redis.Redis)
         kv = self._archive(store)
         digest = None
         if artifact is not None:
             digest = self._hashes.setdefault(artifact, new_digest())
+        pending: list[tuple[str, bytes]] = []
+
+        def flush() -> None:
+            if mset:
+                pipe.execute_command("MSET", *(x for kv_pair in pending for x in kv_pair))
+            else:
+                for key, value in pending:
+                    pipe.set(key, value)
+            pipe.execute()
+            if kv is not None:
+                kv.write_many(pending)
+            if digest is not None:
+                update_digest_many(digest, [v for _, v in pending])
+            if progress:
+                progress(len(pending))
+            pending.clear()
+
         for key, value in items:
-            pipe.set(key, value)
             if n == 0 and store not in self.probes:
                 self.probes[store] = key
-            if kv is not None:
-                kv.write(key, value)
-            if digest is not None:
-                update_digest(digest, value)
+            pending.append((key, value))
             n += 1
-            if n % chunk == 0:
-                pipe.execute()
-                if progress:
-                    progress(chunk)
-        rest = len(pipe.command_stack)
-        pipe.execute()
-        if progress and rest:
-            progress(rest)
+            if len(pending) == chunk:
+                flush()
+        if pending:
+            flush()
         if digest is not None:
             self.digests[artifact] = hexdigest(digest)
         return n

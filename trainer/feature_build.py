@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pandas as pd
 from tqdm import tqdm
 
-from common.ids import distinct_values
+from common.ids import column_distinct, distinct_values, id_codes
 from common.keyspace import FEATURES_CHANNEL, Keyspace, pack_json
 from common.publish import Publisher
 from common.redis_conn import RedisStores
@@ -28,7 +29,7 @@ from common.redis_url import resolve_redis_url
 from common.settings import Settings
 from trainer.data.errors import DataError
 from trainer.data.io import Dataset, load_dataset
-from trainer.data.split import dedupe_pairs, order_interactions
+from trainer.data.split import dedupe_pairs, frame_rows, order_interactions
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ CREATED_COLUMNS = ("created_at_ts", "created_ts")
 CONTEXT_COLUMNS = ("environment", "region")
 _MISSING_TEXT = ("", "nan", "<NA>", "None", "NaN")
 VERIFY_SAMPLE = 20
+_ID = "\x00id\x00"  # placeholder id: where a key name holds the id
 
 
 def _text(s: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -51,10 +53,10 @@ def _ptr(sorted_codes: np.ndarray, n: int) -> np.ndarray:
     return np.searchsorted(sorted_codes, np.arange(n + 1)).astype(np.int64)
 
 
-def _text_codes(s: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+def _text_codes(s: pd.Series, d: tuple[np.ndarray, pd.Series] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(code per row of its present `_text` value, -1 where missing; the sorted values the codes stand for), with
-    `_text` run on the distinct values only."""
-    d = distinct_values(s)
+    `_text` run on the distinct values only (`d`: `distinct_values(s)` when already known)."""
+    d = distinct_values(s) if d is None else d
     if d is None:
         vals, ok = _text(s)
         vcodes, names = pd.factorize(pd.Series(vals[ok], dtype=object), sort=True)
@@ -75,6 +77,16 @@ def _positions(index: pd.Index, s: pd.Series) -> np.ndarray:
     return index.get_indexer(s) if d is None else index.get_indexer(d[1])[d[0]]
 
 
+def _id_codes(inter: pd.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(code per row, distinct ids as str in first-appearance order) of an interactions id column; the loader's
+    factorization when the frame is the one it loaded."""
+    got = id_codes(inter, column)
+    if got is None:
+        codes, uniq = pd.factorize(inter[column].astype(str).to_numpy(object))
+        got = codes.astype(np.int64, copy=False), np.asarray(uniq, dtype=object)
+    return got
+
+
 def _distinct_str(s: pd.Series) -> np.ndarray:
     """`pd.unique(s.astype(str))` (first-appearance order), converted once per distinct value."""
     d = distinct_values(s)
@@ -92,15 +104,23 @@ def _code_counts(codes: np.ndarray, vcodes: np.ndarray, names: np.ndarray) -> tu
     """`_value_counts` of values given as codes into the sorted `names`."""
     if len(names) == 0:
         return np.empty(0, np.int64), np.empty(0, object), np.empty(0, np.int64)
-    keys, counts = np.unique(codes.astype(np.int64) * len(names) + vcodes, return_counts=True)
+    flat = codes.astype(np.int64) * len(names) + vcodes
+    size = (int(codes.max()) + 1) * len(names) if len(codes) else 0
+    if size <= max(4 * len(flat), 1 << 20):  # a count per possible (group, value): no sort
+        counts = np.bincount(flat, minlength=size)
+        keys = np.flatnonzero(counts)
+        counts = counts[keys]
+    else:
+        keys, counts = np.unique(flat, return_counts=True)
     g, v = keys // len(names), keys % len(names)
     order = np.lexsort((v, -counts, g))
     return g[order], np.asarray(names, dtype=object)[v[order]], counts[order]
 
 
-def _mode_per_group(codes: np.ndarray, values: pd.Series, n: int) -> np.ndarray:
+def _mode_per_group(codes: np.ndarray, values: pd.Series, n: int,
+                    d: tuple[np.ndarray, pd.Series] | None = None) -> np.ndarray:
     """Most frequent present value per group code (ties: smallest value); None where a group has none."""
-    vcodes, names = _text_codes(values)
+    vcodes, names = _text_codes(values, d)
     ok = vcodes >= 0
     out = np.full(n, None, dtype=object)
     g, v, _ = _code_counts(codes[ok], vcodes[ok], names)
@@ -179,18 +199,45 @@ class UserFeatures:
         }
 
     def records(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        for u in range(len(self.ids)):
-            yield self.id_list[u], self.record(u)
+        """(user id, `record(u)`) of every user, the per-user arrays converted to lists once, not per record."""
+        ptr, cat_ptr = self.hist_ptr.tolist(), self.cat_ptr.tolist()
+        hist_item, hist_ts, n_recent = self.hist_item, self.hist_ts, self.recent_n
+        cat_name, cat_n = self.cat_name.tolist(), self.cat_n.tolist()
+        clicks, first, last = self.clicks.tolist(), self.first_ts.tolist(), self.last_ts.tolist()
+        env, region, has = self.environment.tolist(), self.region.tolist(), self.has_attrs.tolist()
+        cols, attr_rows = self.attr_cols, self.attr_rows
+        block, start, item_list, ts_list = 20_000, 0, [], []
+        for u, uid in enumerate(self.id_list):
+            if u % block == 0:  # the histories of the next `block` users as lists (not a list per user)
+                start, end = ptr[u], ptr[min(u + block, len(ptr) - 1)]
+                item_list, ts_list = hist_item[start:end].tolist(), hist_ts[start:end].tolist()
+            a, b = ptr[u] - start, ptr[u + 1] - start
+            items = item_list[a:b]
+            ts = ts_list[a:min(b, a + n_recent)]
+            c0, c1 = cat_ptr[u], cat_ptr[u + 1]
+            n = clicks[u]
+            yield uid, {
+                "user_id": uid,
+                "clicks": n,
+                "recent": list(map(list, zip(items[:n_recent], ts, strict=True))),
+                "top_categories": list(map(list, zip(cat_name[c0:c1], cat_n[c0:c1], strict=True))),
+                "environment": env[u],
+                "region": region[u],
+                "first_ts": first[u] if n else None,
+                "last_ts": last[u] if n else None,
+                "attrs": dict(zip(cols, attr_rows[u], strict=True)) if has[u] else {},
+                "seen": items[:SEEN_CAP] if len(items) > SEEN_CAP else items,
+            }
 
 
 def compute_user_features(dataset: Dataset, recent_n: int = 50, top_n: int = 5) -> UserFeatures:
     """User features of every user with interactions or an attribute row (see common/features.py)."""
     inter = dataset.interactions
-    user_src = [_distinct_str(inter["user_id"])] + (
-        [_distinct_str(pd.Series(dataset.users.index))] if dataset.users is not None else [])
+    user_codes, item_codes = _id_codes(inter, "user_id"), _id_codes(inter, "item_id")
+    user_src = [user_codes[1]] + ([_distinct_str(pd.Series(dataset.users.index))] if dataset.users is not None else [])
     ids = pd.Index(pd.unique(np.concatenate(user_src)), dtype=object)
     n = len(ids)
-    codes = _positions(ids, inter["user_id"])
+    codes = user_codes[0]  # the interactions' users come first in `ids`, in the same order
     ts = inter["timestamp"].to_numpy(np.int64)
 
     # raw interactions: clicks (repeats count), first/last activity, categories, context modes
@@ -202,29 +249,24 @@ def compute_user_features(dataset: Dataset, recent_n: int = 50, top_n: int = 5) 
 
     cat_ptr, cat_name, cat_n = np.zeros(n + 1, np.int64), np.empty(0, object), np.empty(0, np.int64)
     primary = primary_category(dataset)
-    if primary is not None:
-        items = distinct_values(inter["item_id"])
-        if items is None:
-            cats = primary.reindex(inter["item_id"]).to_numpy(object)
-            ok = pd.notna(cats)
-            g, name, cnt = _value_counts(codes[ok], cats[ok])
-        else:  # each distinct item's category once, then its code per row
-            rows, uniq = items
-            cats = primary.reindex(uniq).to_numpy(object)
-            present = pd.notna(cats)
-            vc, names = pd.factorize(pd.Series(cats[present], dtype=object), sort=True)
-            per_item = np.full(len(uniq), -1, np.int64)
-            per_item[present] = vc
-            vcodes = per_item[rows]
-            ok = vcodes >= 0
-            g, name, cnt = _code_counts(codes[ok], vcodes[ok], np.asarray(names, dtype=object))
+    if primary is not None:  # each distinct item's category once, then its code per row
+        rows, uniq = item_codes
+        cats = primary.reindex(pd.Index(uniq, dtype=object)).to_numpy(object)
+        present = pd.notna(cats)
+        vc, names = pd.factorize(pd.Series(cats[present], dtype=object), sort=True)
+        per_item = np.full(len(uniq), -1, np.int64)
+        per_item[present] = vc
+        vcodes = per_item[rows]
+        ok = vcodes >= 0
+        g, name, cnt = _code_counts(codes[ok], vcodes[ok], np.asarray(names, dtype=object))
         ptr = _ptr(g, n)
         keep = np.arange(len(g)) - ptr[g] < top_n  # rank within the user's group
         cat_ptr, cat_name, cat_n = _ptr(g[keep], n), name[keep], cnt[keep]
 
     context = {}
     for col in CONTEXT_COLUMNS:
-        vals = _mode_per_group(codes, inter[col], n) if col in inter.columns else np.full(n, None, dtype=object)
+        vals = (_mode_per_group(codes, inter[col], n, column_distinct(inter, col)) if col in inter.columns
+                else np.full(n, None, dtype=object))
         if dataset.users is not None and col in dataset.users.columns:  # fallback: the user attribute
             attr, ok = _text(dataset.users[col].reindex(ids))
             fill = pd.isna(vals) & ok
@@ -232,11 +274,19 @@ def compute_user_features(dataset: Dataset, recent_n: int = 50, top_n: int = 5) 
         context[col] = vals
 
     # deduplicated interactions (earliest occurrence of each pair), newest first per user
-    ded = order_interactions(dedupe_pairs(inter[["user_id", "item_id", "timestamp"]]))
-    dcodes = _positions(ids, ded["user_id"])[::-1]
-    order = np.argsort(dcodes, kind="stable")
-    hist_item = ded["item_id"].to_numpy(object)[::-1][order]
-    hist_ts = ded["timestamp"].to_numpy(np.int64)[::-1][order]
+    got = frame_rows(inter)
+    if got is not None:
+        rows = got[0][::-1]
+        dcodes = codes[rows]
+        order = np.argsort(dcodes, kind="stable")
+        hist_item = item_codes[1][item_codes[0][rows[order]]]
+        hist_ts = ts[rows[order]]
+    else:
+        ded = order_interactions(dedupe_pairs(inter[["user_id", "item_id", "timestamp"]]))
+        dcodes = _positions(ids, ded["user_id"])[::-1]
+        order = np.argsort(dcodes, kind="stable")
+        hist_item = ded["item_id"].to_numpy(object)[::-1][order]
+        hist_ts = ded["timestamp"].to_numpy(np.int64)[::-1][order]
     hist_ptr = _ptr(dcodes[order], n)
 
     attr_cols, attr_rows, has_attrs = _attr_rows(dataset.users, ids)
@@ -276,9 +326,10 @@ class ItemFeatures:
 def compute_item_features(dataset: Dataset) -> ItemFeatures:
     """Item features of every clicked or listed item: popularity (raw clicks), created time, primary category."""
     inter, items = dataset.interactions, dataset.items
-    src = [_distinct_str(inter["item_id"])] + ([_distinct_str(pd.Series(items.index))] if items is not None else [])
+    codes, uniq = _id_codes(inter, "item_id")
+    src = [uniq] + ([_distinct_str(pd.Series(items.index))] if items is not None else [])
     ids = pd.Index(pd.unique(np.concatenate(src)), dtype=object)
-    clicks = np.bincount(_positions(ids, inter["item_id"]), minlength=len(ids))
+    clicks = np.bincount(codes, minlength=len(ids))  # the interactions' items come first in `ids`
     created = np.full(len(ids), None, dtype=object)
     col = next((c for c in CREATED_COLUMNS if items is not None and c in items.columns), None)
     if col is not None:
@@ -307,9 +358,13 @@ def publish_features(stores: RedisStores, dataset: Dataset, settings: Settings, 
 
     def packed(store: str, keyf, table) -> Iterator[tuple[str, bytes]]:
         sample = set(rng.sample(range(len(table)), min(VERIFY_SAMPLE, len(table))))
+        pre, _, post = keyf(ver, _ID).partition(_ID)  # the key names embed the id as is: one concatenation a key
+        dumps, opt = orjson.dumps, orjson.OPT_SERIALIZE_NUMPY  # common.keyspace.pack_json, without a call per record
         for j, (ext, rec) in enumerate(table.records()):
-            key, value = keyf(ver, ext), pack_json(rec)
-            if j in sample:
+            key, value = pre + ext + post, dumps(rec, option=opt)
+            if j in sample or j == 0:
+                if key != keyf(ver, ext) or value != pack_json(rec):
+                    raise RuntimeError(f"feature key/value of {ext!r} differs from the keyspace's / pack_json's")
                 checks.append((store, key, value))
             yield key, value
 

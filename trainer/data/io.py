@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.ids import str_codes
+from common.ids import distinct_values, remember_codes, str_codes, track_frame
 from trainer.data.errors import DataError, first_bad
 from trainer.data.events import event_column, parse_events
 
@@ -87,7 +87,8 @@ def _require(path: Path, df: pd.DataFrame, columns: tuple[str, ...]) -> None:
         raise DataError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
 
 
-def _ids(path: Path, df: pd.DataFrame, column: str) -> pd.Series:
+def _ids(path: Path, df: pd.DataFrame, column: str) -> tuple[pd.Series, tuple[np.ndarray, np.ndarray] | None]:
+    """(the id column as stripped str objects, (code per row, distinct ids in first-appearance order) or None)."""
     s = df[column]
     bad = s.isna().to_numpy()
     if bad.any():
@@ -99,12 +100,24 @@ def _ids(path: Path, df: pd.DataFrame, column: str) -> pd.Series:
         empty = (stripped == "")[codes]
         if empty.any():
             raise first_bad(path, column, empty, pd.Series(stripped[codes]), "empty id")
-        return pd.Series(stripped[codes], index=s.index, name=column, dtype=object)
+        merged, values = pd.factorize(stripped)  # ids equal once stripped share a code
+        codes = merged.astype(np.int32)[codes]  # int32: kept with the frame (common.ids.frame_memo)
+        values = np.asarray(values, dtype=object)
+        return pd.Series(values[codes], index=s.index, name=column, dtype=object), (codes, values)
     s = s.astype(str).str.strip()
     empty = (s == "").to_numpy()
     if empty.any():
         raise first_bad(path, column, empty, s, "empty id")
-    return s.astype(object)
+    return s.astype(object), None
+
+
+def _text_column(s: pd.Series) -> pd.Series:
+    """`s.astype(str).fillna("")`, converted once per distinct value."""
+    d = distinct_values(s)
+    if d is None:
+        return s.astype(str).fillna("")
+    codes, uniq = d
+    return uniq.astype(str).fillna("").take(codes).set_axis(s.index).rename(s.name)
 
 
 def parse_timestamps(path: Path, column: str, s: pd.Series) -> np.ndarray:
@@ -128,7 +141,7 @@ def parse_timestamps(path: Path, column: str, s: pd.Series) -> np.ndarray:
 
 def _attributes(path: Path, df: pd.DataFrame, id_col: str) -> pd.DataFrame:
     _require(path, df, (id_col,))
-    ids = _ids(path, df, id_col)
+    ids = _ids(path, df, id_col)[0]
     dup = ids.duplicated().to_numpy()
     if dup.any():
         raise first_bad(path, id_col, dup, ids, "duplicate id")
@@ -140,9 +153,9 @@ def _attributes(path: Path, df: pd.DataFrame, id_col: str) -> pd.DataFrame:
 def load_interactions_frame(path: Path, df: pd.DataFrame) -> pd.DataFrame:
     """Validate and normalise an interactions frame (ids → str, timestamp → int seconds, event → its name)."""
     _require(path, df, ("user_id", "item_id", "timestamp"))
-    out = df.copy()
-    out["user_id"] = _ids(path, df, "user_id")
-    out["item_id"] = _ids(path, df, "item_id")
+    out = df.copy(deep=False)  # copy-on-write: the columns replaced below are never copied
+    out["user_id"], user_codes = _ids(path, df, "user_id")
+    out["item_id"], item_codes = _ids(path, df, "item_id")
     out["timestamp"] = parse_timestamps(path, "timestamp", df["timestamp"])
     if "rating" in out.columns:
         r = pd.to_numeric(out["rating"], errors="coerce")
@@ -154,8 +167,13 @@ def load_interactions_frame(path: Path, df: pd.DataFrame) -> pd.DataFrame:
         out["event"] = event_column(parse_events(df["event"], path, "event"))
     for c in out.columns:
         if c not in CORE_COLUMNS:
-            out[c] = out[c].astype(str).fillna("")
-    return out.reset_index(drop=True)
+            out[c] = _text_column(out[c])
+    out = out.reset_index(drop=True)
+    track_frame(out)  # factorized once here, reused by the dedupe, ordering, id maps and features
+    for column, codes in (("user_id", user_codes), ("item_id", item_codes)):
+        if codes is not None:
+            remember_codes(out, column, *codes)
+    return out
 
 
 def load_dataset(directory: str | Path) -> Dataset:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from common.ids import frame_memo, id_codes
+
 MIN_INTERACTIONS = 3
 
 
@@ -57,6 +59,50 @@ def order_interactions(df: pd.DataFrame) -> pd.DataFrame:
     t_key = t.to_numpy(np.int64) if pd.api.types.is_integer_dtype(t.dtype) and not t.hasnans else _rank(t)
     order = np.lexsort((_rank(df["item_id"], True), t_key, _rank(df["user_id"], True)))
     return df.iloc[order].reset_index(drop=True)
+
+
+def ordered_rows(user: tuple[np.ndarray, np.ndarray], item: tuple[np.ndarray, np.ndarray],
+                 ts: np.ndarray) -> np.ndarray:
+    """Row positions of `order_interactions(dedupe_pairs(df))` for a frame with a unique increasing index and integer
+    timestamps `ts`, given each id column as (code per row, its distinct values) (`common.ids.str_codes`).
+
+    One stable sort by (user, time, item) puts every pair's earliest row (time, then row order) first among the
+    pair's rows; keeping those first rows is the dedupe, and what remains is already in `order_interactions`' order."""
+    (uc, uv), (ic, iv) = user, item
+    if len(ts) == 0:
+        return np.empty(0, np.int64)
+    ur = _rank(pd.Series(uv, dtype=object), True)[uc]
+    ir = _rank(pd.Series(iv, dtype=object), True)[ic]
+    t = ts.astype(np.int64, copy=False)
+    t0, span = int(t.min()), int(t.max()) - int(t.min()) + 1
+    bits = [max(int(x).bit_length(), 1) for x in (len(uv), span, len(iv))]
+    if sum(bits) <= 63:  # one int64 key
+        key = (ur << (bits[1] + bits[2])) | ((t - t0) << bits[2]) | ir
+        order = np.argsort(key, kind="stable")
+    else:
+        order = np.lexsort((ir, t, ur))
+    if len(uv) * max(len(iv), 1) < 2**62:
+        dup = pd.Series((uc.astype(np.int64) * max(len(iv), 1) + ic)[order]).duplicated()
+    else:
+        dup = pd.DataFrame({"u": uc[order], "i": ic[order]}).duplicated()
+    rows = order[~dup.to_numpy()]
+    return rows.astype(np.int32) if len(ts) < 2**31 else rows  # int32: kept with the frame (frame_memo)
+
+
+def frame_rows(df: pd.DataFrame) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None:
+    """(`ordered_rows` of an interactions frame, user and item `id_codes`), once per loaded frame
+    (`common.ids.frame_memo`); None where the frame needs the general path (a non-unique or unordered index,
+    non-integer timestamps, ids of mixed types)."""
+    t = df["timestamp"]
+    if not (df.index.is_unique and df.index.is_monotonic_increasing and pd.api.types.is_integer_dtype(t.dtype)
+            and not t.hasnans):
+        return None
+    users, items = id_codes(df, "user_id"), id_codes(df, "item_id")
+    if users is None or items is None:
+        return None
+    rows = frame_memo(df, ("ordered_rows",), ("user_id", "item_id", "timestamp"),
+                      lambda: ordered_rows(users, items, t.to_numpy(np.int64)))
+    return rows, users, items
 
 
 def leave_last_out(df: pd.DataFrame, min_interactions: int = MIN_INTERACTIONS) -> tuple[pd.DataFrame, pd.DataFrame]:

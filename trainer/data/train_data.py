@@ -9,11 +9,42 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from common.ids import IdMap, str_objects
+from common.ids import IdMap, column_distinct, sort_order, str_objects
 from trainer.data.events import event_codes
 from trainer.data.io import item_field_column
 from trainer.data.sessions import Sessions
-from trainer.data.split import dedupe_pairs, order_interactions
+from trainer.data.split import dedupe_pairs, frame_rows, order_interactions
+
+CONTEXT = ("environment", "region")  # context columns kept per interaction
+
+
+def _indexed(interactions: pd.DataFrame, user_map: IdMap, item_map: IdMap
+             ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, dict[str, np.ndarray]] | None:
+    """`from_frame`'s dedupe, ordering and id mapping done on integer codes of the id columns (factorized once, or
+    by the loader): (the other columns of the ordered rows, user index, item index per row, context column values as
+    str per row), the maps extended; None
+    where the frame needs the general path (non-unique or unordered index, non-integer timestamps, mixed ids)."""
+    got = frame_rows(interactions)
+    if got is None:
+        return None
+    rows, users, items = got
+    out = []
+    for idmap, (codes, values) in ((user_map, users), (item_map, items)):
+        codes = codes[rows]
+        order, ties = sort_order(values)
+        if ties:  # numerically equal ids keep their order of first appearance in the ordered rows (as `sort_ids`)
+            seen = pd.unique(codes)
+            order = seen[sort_order(values[seen])[0]]
+        idmap.extend_sorted(values[order])
+        out.append(idmap.indices(values).astype(np.int32)[codes])
+    rest = interactions[[c for c in interactions.columns if c not in ("user_id", "item_id", *CONTEXT)]]
+    ctx = {}
+    for c in CONTEXT:  # each distinct value converted once (shared with the feature build), then taken per row
+        if c in interactions.columns:
+            d = column_distinct(interactions, c)
+            ctx[c] = (str_objects(interactions[c], d) if d is not None else
+                      interactions[c].astype(str).to_numpy(object))[rows]
+    return rest.take(rows).reset_index(drop=True), out[0], out[1], ctx
 
 
 @dataclass
@@ -44,17 +75,22 @@ class TrainData:
                    items: pd.DataFrame | None = None, user_map: IdMap | None = None,
                    item_map: IdMap | None = None) -> TrainData:
         """Dedupe, order and index a frame; given id maps are extended (stable), not rebuilt."""
-        df = order_interactions(dedupe_pairs(interactions))
         user_map = IdMap(user_map.ids) if user_map is not None else IdMap()
         item_map = IdMap(item_map.ids) if item_map is not None else IdMap()
-        user_map.extend(df["user_id"])
-        item_map.extend(df["item_id"])
-        u = user_map.lookup(df["user_id"]).astype(np.int32)
-        i = item_map.lookup(df["item_id"]).astype(np.int32)
+        fast = _indexed(interactions, user_map, item_map)
+        if fast is not None:
+            df, u, i, ctx = fast
+        else:
+            df = order_interactions(dedupe_pairs(interactions))
+            ctx = {c: str_objects(df[c]) for c in CONTEXT if c in df.columns}
+            user_map.extend(df["user_id"])
+            item_map.extend(df["item_id"])
+            u = user_map.lookup(df["user_id"]).astype(np.int32)
+            i = item_map.lookup(df["item_id"]).astype(np.int32)
         ts = df["timestamp"].to_numpy(np.int64)
         # order_interactions sorted by external user id; re-sort by internal index, keeping time order
         order = np.lexsort((np.arange(len(df)), u))
-        ctx = {c: str_objects(df[c])[order] for c in ("environment", "region") if c in df.columns}
+        ctx = {c: v[order] for c, v in ctx.items()}
         rating = df["rating"].to_numpy(np.float32)[order] if "rating" in df.columns else None
         event = event_codes(df)[order]
         ua = users.reindex(pd.Index(user_map.ids)).reset_index(drop=True) if users is not None else None

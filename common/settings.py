@@ -84,6 +84,8 @@ class Settings(BaseSettings):
     realtime_ttl_s: int = Field(default=30 * 86400, ge=60, description="Per-user real-time state (recent clicks, counters) and per-item real-time click counters expire this long after their last event; with Redis's volatile-lru policy they are also the only keys evicted at REDIS_MAXMEMORY, never published artifacts.")
     redis_maxmemory: str = Field(default="2gb", description="maxmemory of the local Redis that `make up` / `make demo` start (e.g. 512mb, 4gb; 0: no bound). Its policy is volatile-lru: at the bound only keys with a TTL (real-time state) are evicted; a nightly whose artifacts do not fit fails naming maxmemory, and the previous versions keep serving.")
 
+    nightly_workers: int = Field(default=0, ge=0, le=256, description="Local engine: channel jobs (fit + publish of one channel) the nightly runs at once on a pool of threads, longest first, each pinned to one OpenMP/BLAS thread; the artifacts equal the sequential run's. 0 = the CPUs this process may use; 1 = one channel after another (docs/scaling.md).")
+
     # -- the nightly beyond one machine: Ray (docs/scaling.md) --
     nightly_engine: Literal["local", "ray"] = Field(default="local", description="Where the nightly's channels fit: 'local' (this process) or 'ray' (ItemCF/UserCF co-occurrence, item2vec sessions, neighbour lists and user-vector precompute as sharded Ray tasks, two-tower on Ray Train workers); `python -m trainer nightly --engine`.")
     ray_address: str | None = Field(default=None, description="Ray cluster for NIGHTLY_ENGINE=ray (host:port of the head's GCS, e.g. ray-head:6379; Ray itself reads the same variable); unset: the nightly starts a local Ray in its own process.")

@@ -147,7 +147,8 @@ def test_second_run_publishes_new_versions_old_ones_readable_until_gc(settings, 
 def test_killed_nightly_leaves_previous_versions_serving(settings, stores, tiny_data, bigger_data, config):
     assert run_nightly(settings, tiny_data, config, progress=False)["status"] == "ok"
     before, keys = currents(stores), sample_keys(stores, config)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # one channel after another: the order asserted below (a kill with 2 workers: tests/test_nightly_parallel.py)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NIGHTLY_WORKERS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "trainer", "nightly", "--data", str(bigger_data), "--config",
                              str(config), "--redis-url", settings.redis_url, "--artifacts", str(settings.artifacts_dir)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -2,7 +2,9 @@
 
 Stages: config (validate before any work) → redis → load (validate the data) → events (archive the event log
 since the previous run, fold every logged event into the training data; docs/event_log.md) → ids (extend and publish
-the stable id maps) → features → fit:<channel> / publish:<channel> for every enabled trained channel.
+the stable id maps) → features → fit:<channel> / publish:<channel> for every enabled trained channel: one after
+another, or with NIGHTLY_WORKERS > 1 (default: the usable CPUs) several channels at once on the local engine's pool of
+threads, longest first, with the same artifacts (trainer/engine/local.py, docs/scaling.md).
 Every publish is atomic (new version, verify, flip `current`), so a failed or killed run leaves each
 channel serving its previous version. A summary goes to ARTIFACTS_DIR/runs/<timestamp>/summary.json,
 rewritten as each stage starts and ends, so even a SIGKILLed run leaves the stage it stopped in on disk.
@@ -12,6 +14,7 @@ runs left (trainer/runs.py, docs/reliability.md).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import resource
@@ -34,6 +37,7 @@ from common.keyspace import FEATURES_CHANNEL, Keyspace
 from common.redis_conn import RedisStores
 from common.settings import Settings, get_settings
 from trainer.data.errors import DataError
+from trainer.engine.local import CpuMeter, JobPool, ProcessCpu, channel_job, usable_cpus
 from trainer.runs import (
     JobRunning,
     RunLease,
@@ -69,7 +73,8 @@ def run_id_now() -> str:
 
 
 class Terminated(BaseException):
-    """SIGTERM/SIGINT arrived: unwinds the run (not caught as a stage failure) so its summary says where it stopped."""
+    """SIGTERM/SIGINT arrived: unwinds the run (not caught as a stage failure) so its summary says where it stopped.
+    With several workers the same exception is raised in every running channel job (trainer/engine/local.JobPool)."""
 
     def __init__(self, signum: int):
         self.signum = signum
@@ -81,48 +86,60 @@ def _terminate(signum: int, _frame) -> None:
 
 
 class _Run:
-    """Records stages (seconds, peak RSS, status) into the summary, and rewrites the summary file (`path`) as each
-    stage starts and ends."""
+    """Records stages (start offset, seconds, CPU seconds, peak RSS, status) into the summary, and rewrites the
+    summary file (`path`) as each stage starts and ends. Thread-safe: channel jobs on the local engine's pool record
+    their stages concurrently; whoever changes the summary holds `lock`."""
 
     def __init__(self, summary: dict[str, Any], path: Path | None = None):
         self.summary, self.path = summary, path
+        self.lock = threading.RLock()
+        self.t0 = time.perf_counter()
+        # cpu_s of a stage: CPU seconds of the whole process while stages run one at a time; on the pool, the stage's
+        # own thread plus its share of helper threads (trainer/engine/local.CpuMeter)
+        self.cpu: Any = ProcessCpu()
 
     def save(self) -> None:
         if self.path is not None:
-            try:
-                write_json_atomic(self.path, self.summary)
-            except OSError as exc:  # a full disk must not fail the run itself
-                log.warning("could not write the run summary %s: %s", self.path, exc)
+            with self.lock:
+                try:
+                    write_json_atomic(self.path, self.summary)
+                except OSError as exc:  # a full disk must not fail the run itself
+                    log.warning("could not write the run summary %s: %s", self.path, exc)
 
     @contextmanager
     def stage(self, name: str, fatal: bool = True) -> Iterator[dict[str, Any]]:
-        rec: dict[str, Any] = {"stage": name, "status": "running"}
-        self.summary["stages"].append(rec)
-        self.save()
+        with self.lock:
+            rec: dict[str, Any] = {"stage": name, "status": "running", "start_s": round(time.perf_counter() - self.t0, 3)}
+            self.summary["stages"].append(rec)
+            self.save()
         log.info("stage %s: start", name)
-        t, cpu = time.perf_counter(), time.process_time()
+        cpu = self.cpu
+        t, c0 = time.perf_counter(), cpu.start()
         try:
             yield rec
         except Exception as exc:
-            rec.update(status="failed", seconds=round(time.perf_counter() - t, 3), peak_rss_mb=round(peak_rss_mb(), 1),
-                       cpu_s=round(time.process_time() - cpu, 3),
-                       error=f"{type(exc).__name__}: {exc}" if not isinstance(exc, INPUT_ERRORS) else str(exc))
-            err = StageFailed(name, exc)
-            self.summary["failed"].append({"stage": name, "error": str(err)})
-            log.error("%s", err)
-            self.save()
+            with self.lock:
+                rec.update(status="failed", seconds=round(time.perf_counter() - t, 3),
+                           peak_rss_mb=round(peak_rss_mb(), 1), cpu_s=round(cpu.stop(c0), 3),
+                           error=f"{type(exc).__name__}: {exc}" if not isinstance(exc, INPUT_ERRORS) else str(exc))
+                err = StageFailed(name, exc)
+                self.summary["failed"].append({"stage": name, "error": str(err)})
+                log.error("%s", err)
+                self.save()
             if fatal:
                 raise err from exc
             return
         except BaseException as exc:  # Terminated (SIGTERM), KeyboardInterrupt: record it, then unwind
-            rec.update(status="killed", seconds=round(time.perf_counter() - t, 3), error=str(exc) or type(exc).__name__)
-            self.save()
+            with self.lock:
+                rec.update(status="killed", seconds=round(time.perf_counter() - t, 3), cpu_s=round(cpu.stop(c0), 3),
+                           error=str(exc) or type(exc).__name__)
+                self.save()
             raise
-        # cpu_s: CPU seconds of this process (all its threads) in the stage; on a shared machine a steadier measure
-        # of the stage's own work than its wall seconds
-        rec.update(status="ok", seconds=round(time.perf_counter() - t, 3), peak_rss_mb=round(peak_rss_mb(), 1),
-                   cpu_s=round(time.process_time() - cpu, 3))
-        self.save()
+        # cpu_s: on a shared machine a steadier measure of the stage's own work than its wall seconds
+        with self.lock:
+            rec.update(status="ok", seconds=round(time.perf_counter() - t, 3), peak_rss_mb=round(peak_rss_mb(), 1),
+                       cpu_s=round(cpu.stop(c0), 3))
+            self.save()
         log.info("stage %s: ok in %.2fs (peak RSS %.0f MB)", name, rec["seconds"], rec["peak_rss_mb"])
 
 
@@ -219,8 +236,7 @@ def run_nightly(settings: Settings, data_dir: str | Path | None = None, config_p
 
             summary["versions"][FEATURES_CHANNEL] = publish_features(stores, dataset, settings, progress=progress,
                                                                      owner=run_id)
-        for spec in todo:
-            _channel(run, stores, spec, data, settings, summary, progress, eng)
+        _channels(run, stores, todo, data, settings, summary, progress, eng)
     except StageFailed:
         pass
     except Terminated as exc:
@@ -274,11 +290,14 @@ def _ids(stores: RedisStores, dataset, summary: dict[str, Any], registered: list
 
 
 def _engine(run: _Run, settings: Settings, name: str, summary: dict[str, Any]):
-    """The engine the channels fit on: local (no stage), or a Ray cluster connected in stage `engine`."""
+    """The engine the channels fit on: local (no stage; NIGHTLY_WORKERS channel jobs at once), or a Ray cluster
+    connected in stage `engine`."""
     from trainer.engine import make_engine
 
     if name == "local":
-        return make_engine("local")
+        eng = make_engine("local", workers=settings.nightly_workers or usable_cpus())
+        summary["engine"] = eng.describe()
+        return eng
     with run.stage("engine"):
         eng = make_engine(name, address=settings.ray_address, train_workers=settings.ray_train_workers)
         summary["engine"] = eng.describe()
@@ -294,6 +313,41 @@ def _close_engine(eng) -> None:
         log.warning("could not close the %s engine: %s", eng.name, exc)
 
 
+def _channels(run: _Run, stores: RedisStores, todo: list[ChannelSpec], data, settings: Settings,
+              summary: dict[str, Any], progress: bool, engine=None) -> None:
+    """Fit and publish every planned channel: in order, or on the local engine's pool when it has several workers.
+    Either way the stage records end in the planned order (each has `start_s`, when it began)."""
+    workers = getattr(engine, "workers", 1) if engine is None or engine.name == "local" else 1
+    if workers <= 1 or len(todo) <= 1:
+        for spec in todo:
+            _channel(run, stores, spec, data, settings, summary, progress, engine)
+        return
+    from threadpoolctl import threadpool_limits
+
+    with run.lock:
+        for spec in todo:  # the channel entries in the planned order, whatever order the jobs start in
+            summary["channels"][spec.name] = {"model": spec.model, "status": "queued"}
+    first = len(summary["stages"])
+    meter = run.cpu = CpuMeter()
+    jobs = [channel_job(spec.name, spec.model, functools.partial(_channel, run, stores, spec, data, settings, summary,
+                                                                   progress, engine)) for spec in todo]
+    torch = sys.modules.get("torch")  # (imported by the config stage's registry)
+    torch_threads = torch.get_num_threads() if torch else None
+    try:
+        if torch:  # a thread's first torch op takes this count; the models' own `num_threads` still apply
+            torch.set_num_threads(1)
+        with threadpool_limits(1, user_api="blas"):  # OpenBLAS's count is process-wide: one thread per worker
+            JobPool(workers, tick=meter.tick).run(jobs)
+    finally:
+        if torch:
+            torch.set_num_threads(torch_threads)
+        run.cpu = ProcessCpu()
+        order = {f"{a}:{s.name}": 2 * i + (a == "publish") for i, s in enumerate(todo) for a in ("fit", "publish")}
+        with run.lock:
+            summary["stages"][first:] = sorted(summary["stages"][first:], key=lambda r: order.get(r["stage"], 1 << 30))
+            run.save()
+
+
 def _channel(run: _Run, stores: RedisStores, spec: ChannelSpec, data, settings: Settings, summary: dict[str, Any],
              progress: bool, engine=None) -> None:
     """Fit (on `engine`, default local) and publish one trained channel; a failure is recorded and the run goes on."""
@@ -301,7 +355,8 @@ def _channel(run: _Run, stores: RedisStores, spec: ChannelSpec, data, settings: 
     from trainer.publishing import publish_channel
 
     info: dict[str, Any] = {"model": spec.model}
-    summary["channels"][spec.name] = info
+    with run.lock:
+        summary["channels"][spec.name] = info
     ch = None
     with run.stage(f"fit:{spec.name}", fatal=False) as rec:
         t = time.perf_counter()
@@ -311,11 +366,13 @@ def _channel(run: _Run, stores: RedisStores, spec: ChannelSpec, data, settings: 
             artifacts = ch.artifacts(data)
         else:
             artifacts = engine.fit(ch, data, progress=progress)
-            info["engine"] = engine.stats
-        info["fit_s"] = round(time.perf_counter() - t, 3)
-        info["kinds"] = sorted(artifacts)
+            with run.lock:
+                info["engine"] = engine.stats
+        with run.lock:
+            info.update(fit_s=round(time.perf_counter() - t, 3), kinds=sorted(artifacts))
     if rec["status"] != "ok":
-        info["status"] = "failed"
+        with run.lock:
+            info["status"] = "failed"
         return
     with run.stage(f"publish:{spec.name}", fatal=False) as rec:
         extra = {"fit_s": info["fit_s"], "run_id": summary["run_id"], "dataset": summary["counts"].get("dataset")}
@@ -324,13 +381,16 @@ def _channel(run: _Run, stores: RedisStores, spec: ChannelSpec, data, settings: 
         m = _metrics(ch)
         if m:
             extra["metrics"] = m
-            info["metrics"] = m
+            with run.lock:
+                info["metrics"] = m
         ver = publish_channel(stores, spec, artifacts, data, settings.artifacts_dir, extra=extra, progress=progress,
                               grace_s=settings.version_grace_s, pending_ttl_s=settings.pending_ttl_s,
                               keep=settings.keep_versions, owner=summary["run_id"])
-        summary["versions"][spec.name] = ver
-        info["version"] = ver
-    info["status"] = rec["status"]
+        with run.lock:
+            summary["versions"][spec.name] = ver
+            info["version"] = ver
+    with run.lock:
+        info["status"] = rec["status"]
 
 
 def _redact(url: str | None) -> str | None:

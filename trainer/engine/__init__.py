@@ -10,10 +10,11 @@ An engine fits a channel and returns its artifacts; the nightly does nothing els
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from trainer.channels.base import Artifacts, Channel
-from trainer.data.train_data import TrainData
+if TYPE_CHECKING:  # the nightly imports the engines before its `config` stage: keep torch out of that import
+    from trainer.channels.base import Artifacts, Channel
+    from trainer.data.train_data import TrainData
 
 ENGINES = ("local", "ray")
 
@@ -37,12 +38,13 @@ class Engine(Protocol):
         ...
 
 
-def make_engine(name: str = "local", address: str | None = None, train_workers: int = 2) -> Engine:
-    """The engine called `name`: local, or ray (`address` of a running cluster; None starts a local Ray)."""
+def make_engine(name: str = "local", address: str | None = None, train_workers: int = 2, workers: int = 1) -> Engine:
+    """The engine called `name`: local (`workers` channel jobs at once), or ray (`address` of a running cluster; None
+    starts a local Ray)."""
     if name == "local":
         from trainer.engine.local import LocalEngine
 
-        return LocalEngine()
+        return LocalEngine(workers=workers)
     if name == "ray":
         from trainer.engine.ray_engine import RayEngine
 

@@ -17,14 +17,15 @@ from common.retrieval import retrieve_i2i
 from trainer.channels import registry
 from trainer.channels.eges import EGESChannel, SideInfoEmbedding
 from trainer.data.train_data import TrainData
-from trainer.graph.session_graph import session_graph, transition_edges
+from trainer.graph.session_graph import session_graph, transition_edges, window_edges
 from trainer.nn.side_info import encode_side_info, side_info_frame
 from trainer.publishing import nn_store
 
 N_CAT, PER_CAT = 4, 10
 COLD = ["i40", "i41"]  # registered with attributes (category 1, category 3), never interacted with
+# 8 shared negatives: the default 64 exceeds this 42-item catalog (most draws would be same-category items)
 FAST = {"dim": 16, "walks_per_node": 8, "walk_length": 10, "window": 3, "epochs": 3, "batch_size": 512,
-        "sample": 0.0, "lr": 0.02, "top_k": 10}
+        "sample": 0.0, "lr": 0.02, "top_k": 10, "num_negatives": 8}
 
 
 def planted_frames() -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -158,14 +159,16 @@ def test_every_embedding_table_is_registered_and_trained(data, fitted):
     enc = encode_side_info(data)
     assert enc.columns == ["category", "brand"] == fitted.side_info_columns
     torch.manual_seed(42)  # the centre is the first module built under the run's seed
-    init = SideInfoEmbedding(data.n_items, FAST["dim"], [f.codes for f in enc.fields], enc.sizes, "eges")
+    p = fitted.params
+    init = SideInfoEmbedding(data.n_items, FAST["dim"], [f.codes for f in enc.fields], enc.sizes, "eges",
+                             id_prior=p.id_prior, attn_scale=p.attn_scale)
     warm = torch.as_tensor(np.flatnonzero(fitted.warm_items))
     trained = fitted.centre
     assert not torch.equal(trained.id_emb.weight[warm], init.id_emb.weight[warm])
     assert (trained.id_emb.weight[warm] != init.id_emb.weight[warm]).any(1).all()  # every walked item's row
     for j in range(2):
         assert not torch.equal(trained.fields[j].weight, init.fields[j].weight)
-    assert (trained.attn.weight[warm] != 0).any(1).all()  # a_v learned for every walked item
+    assert (trained.attn.weight[warm] != init.attn.weight[warm]).any(1).all()  # a_v learned for every walked item
     assert (fitted.skipgram.model.context.weight[warm] != 0).any(1).all()
 
 
@@ -250,6 +253,43 @@ def test_untrained_side_info_values_are_left_out_of_a_cold_vector():
     cv, has = m.cold_vectors(torch.tensor([2]))
     assert has.all()
     torch.testing.assert_close(cv[0], m.fields[0].weight[1])
+
+
+def test_edge_window_links_items_up_to_k_positions_apart_inside_a_session():
+    # one user: p q r s in one session, then t after a 30-minute gap
+    user, item, ts = np.zeros(5, np.int32), np.arange(5), np.array([0, 10, 20, 30, 5000])
+    got = {(int(a), int(b)) for a, b, _ in zip(*window_edges(user, item, ts, 1800, 2), strict=True)}
+    assert got == {(0, 1), (1, 2), (2, 3), (0, 2), (1, 3)}  # 1 and 2 steps ahead; never across the gap
+    one = {(int(a), int(b)) for a, b, _ in zip(*window_edges(user, item, ts, 1800, 1), strict=True)}
+    assert one == {(int(a), int(b)) for a, b, _ in zip(*transition_edges(user, item, ts, 1800), strict=True)}
+    data = TrainData.from_frame(pd.DataFrame({"user_id": ["a"] * 4 + ["b"] * 2, "item_id": list("wxyzwy"),
+                                              "timestamp": [0, 1, 2, 3, 0, 1]}))
+    g = session_graph(data, 1800, edge_window=2).to_scipy().toarray()
+    ix = [data.item_map.get(name) for name in "wxyz"]
+    assert g[np.ix_(ix, ix)].tolist() == [[0, 1, 2, 0], [0, 0, 1, 1], [0, 0, 0, 1], [0, 0, 0, 0]]  # w→y twice
+    with pytest.raises(ValueError, match="ordered"):
+        session_graph(data, 1800, "unordered", edge_window=2)
+
+
+def test_field_dropout_and_attn_scale_shape_the_field_weights_only_while_training():
+    codes = [np.array([[1], [2], [1]]), np.array([[1], [1], [2]])]
+    m = SideInfoEmbedding(3, 4, codes, [3, 3], "eges", id_prior=2.0, attn_scale=0.1, field_dropout=0.9)
+    ids = torch.arange(3)
+    a = m.logits(ids)
+    torch.testing.assert_close(a, torch.tensor([[2.0, 0.0, 0.0]] * 3))  # the id prior survives the scale
+    m.eval()  # no dropout at inference: H_v = Σ_j softmax(a_v)_j W_j(v)
+    w = torch.softmax(a, -1).unsqueeze(-1)
+    stack = torch.stack([m.id_emb.weight[ids], m.fields[0].weight[[1, 2, 1]], m.fields[1].weight[[1, 1, 2]]], 1)
+    torch.testing.assert_close(m(ids), (w * stack).sum(1))
+    m.train()
+    torch.manual_seed(0)
+    many = torch.zeros(2000, dtype=torch.int64)
+    out = m(many)  # dropped fields leave the softmax: a row keeps the id and the fields that survived
+    only_id = torch.isclose(out, m.id_emb.weight[0].expand_as(out)).all(1)
+    assert 0.7 < only_id.float().mean() < 0.9  # both fields dropped: 0.81
+    with torch.no_grad():
+        m.attn.weight[:, 1] += 1.0
+        assert m.logits(ids)[0, 1].item() == pytest.approx(0.1)  # a step on b_v moves a_v by attn_scale
 
 
 def test_item_registered_over_http_is_recalled_after_the_nightly(settings, stores, tmp_path, start_server):

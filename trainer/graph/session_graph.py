@@ -2,7 +2,8 @@
 consecutive i → j transitions inside sessions (`trainer.data.sessions`, 30-minute rule). With `ties: unordered`
 the events of one user in one second (a tie group: no order, the log lists them by item id) form a set: edges from
 every item of a group to every item of the next, and both ways inside, weighted to stand for the transitions they
-replace (`transition_edges`)."""
+replace (`transition_edges`). With `edge_window` k > 1 (an option; the paper's graph is k = 1) an item also links
+to the items up to k positions after it in its session (`window_edges`), still "transitions inside sessions"."""
 
 from __future__ import annotations
 
@@ -58,8 +59,31 @@ def transition_edges(user_idx: np.ndarray, item_idx: np.ndarray, ts: np.ndarray,
     return src[keep], dst[keep], w[keep]
 
 
-def session_graph(data: TrainData, gap_s: int | None, ties: Literal["ordered", "unordered"] = "ordered") -> CSRGraph:
+def window_edges(user_idx: np.ndarray, item_idx: np.ndarray, ts: np.ndarray, gap_s: int | None, k: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(src, dst, weight 1) of every i → j where j follows i by 1..k positions in the same session (self-loops
+    dropped): the k-step transitions of a log sorted by (user, time); k = 1 is `transition_edges(ordered)`."""
+    item_idx = np.asarray(item_idx, np.int64)
+    sess = split_sessions(user_idx, ts, gap_s)
+    src, dst = [], []
+    for d in range(1, k + 1):
+        same = np.flatnonzero(sess[d:] == sess[:-d]) if d < len(sess) else np.zeros(0, np.int64)
+        src.append(item_idx[same])
+        dst.append(item_idx[same + d])
+    src, dst = np.concatenate(src), np.concatenate(dst)
+    keep = src != dst
+    return src[keep], dst[keep], np.ones(int(keep.sum()))
+
+
+def session_graph(data: TrainData, gap_s: int | None, ties: Literal["ordered", "unordered"] = "ordered",
+                  edge_window: int = 1) -> CSRGraph:
     """Directed item graph: weight of i → j = summed weight of the i → j session transitions (`transition_edges`:
-    with `ordered` ties, the number of consecutive i → j transitions inside sessions)."""
-    src, dst, w = transition_edges(data.user_idx, data.item_idx, data.ts, gap_s, ties)
+    with `ordered` ties, the number of consecutive i → j transitions inside sessions); with `edge_window` k > 1
+    the transitions 1..k steps apart (`window_edges`, ordered ties only)."""
+    if edge_window > 1:
+        if ties != "ordered":
+            raise ValueError("edge_window > 1 needs ties: ordered")
+        src, dst, w = window_edges(data.user_idx, data.item_idx, data.ts, gap_s, edge_window)
+    else:
+        src, dst, w = transition_edges(data.user_idx, data.item_idx, data.ts, gap_s, ties)
     return csr_from_edges(src, dst, w, data.n_items, data.n_items)

@@ -30,8 +30,8 @@ window), then the caller's extra pairs are appended (never subsampled), and `tra
 shuffles the pairs into batches of `batch_size`; each batch draws its `num_negatives` per pair ∝ count^power
 (the kit's `PowerSampler`, counts = corpus frequencies unless given; with `shared_negatives` one set of
 `num_negatives` for the whole batch, scored by one matmul — the same expected loss at a fraction of the cost)
-and `pool_negatives` per pair from the centre's pool. Adam (`lr`). Same seed and one thread → bit-identical
-vectors.
+and `pool_negatives` per pair from the centre's pool. Adam (`lr`; with `lr_decay`, decayed linearly to lr·1e-4 over
+the run, as word2vec's schedule). Same seed and one thread → bit-identical vectors.
 
 The building blocks are public for tests and other trainers: `epoch_pairs` (= `subsample` → `window_pairs` →
 extra pairs), `draw_negatives` (→ `Negatives`: sampler + `NegativePool.sample` + masks), `keep_probability` (the kit's),
@@ -161,6 +161,7 @@ class SkipGramConfig:
     epochs: int = 5
     batch_size: int = 4096
     lr: float = 0.01
+    lr_decay: bool = False  # lr decayed linearly to lr·1e-4 over the run (word2vec's schedule)
     init_scale: float = 0.5  # default centre table ~ U(−s/d, s/d) (word2vec); context starts at 0
     seed: int = 42
     num_threads: int = 1
@@ -368,6 +369,10 @@ def train_skipgram(corpus: Corpus, n_items: int, config: SkipGramConfig, centre:
             neg = draw_negatives(sampler, c, o, s, cfg, rng, pool, members)
             pos_l, neg_l = model(torch.as_tensor(c), torch.as_tensor(o), torch.as_tensor(neg.shared),
                                  torch.as_tensor(neg.per_row), None if neg.cols is None else torch.as_tensor(neg.cols))
+            if cfg.lr_decay:
+                done = (batch.epoch + batch.start / max(len(state["c"]), 1)) / cfg.epochs
+                for g in opt.param_groups:
+                    g["lr"] = cfg.lr * max(1e-4, 1.0 - done)
             # word2vec's per-pair sum over the positive and its negatives, averaged over the batch
             return bce_loss(pos_l, neg_l, torch.as_tensor(neg.valid), balance=False, reduction="sum") / len(r)
 

@@ -18,16 +18,17 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from common.towers import export_tower, history_inputs, input_meta
+from common.towers import export_tower, input_meta
 from common.towers.two_tower_user import UserTower
 from trainer.channels.embedding import EmbeddingChannel
 from trainer.data.train_data import TrainData
 from trainer.nn.contrastive import NeighborMiner, nt_xent
-from trainer.nn.encoding import encode_attrs
+from trainer.nn.encoding import item_tower_encoding, user_tower_encoding
 from trainer.nn.loop import Batch, LoopConfig, adam, seeded, train_loop, unique_parameters
 from trainer.nn.losses import in_batch_softmax_loss
 from trainer.nn.negatives import StreamingFrequencyEstimator, relative_log_q
 from trainer.nn.towers import ItemTower
+from trainer.nn.user_inputs import encode_in_batches, tower_inputs, trained_users
 from trainer.nn.views import mask_ids, perturb
 
 
@@ -97,12 +98,10 @@ class MicChannel(EmbeddingChannel):
 
     def _build(self, data: TrainData) -> None:
         p: MicParams = self.params
-        self.user_enc = encode_attrs(data.user_attrs if p.use_user_attrs else None, data.n_users, multi_valued=False,
-                                     max_numeric_values=2000)
-        item_enc = encode_attrs(data.item_attrs if p.use_item_attrs else None, data.n_items, multi_valued=True,
-                                categorical=(data.category_column or "",))
-        ua = self.user_enc.codes[:, :, 0] if self.user_enc.columns else np.zeros((data.n_users, 1), np.int64)
-        self.user_attr_codes = np.vstack([ua, np.zeros((1, ua.shape[1]), np.int64)])  # row n_users: unknown user
+        self.user_enc, self.user_attr_codes = user_tower_encoding(data.user_attrs if p.use_user_attrs else None,
+                                                                  data.n_users)
+        item_enc = item_tower_encoding(data.item_attrs if p.use_item_attrs else None, data.n_items,
+                                       data.category_column)
         item_emb = torch.nn.Embedding(data.n_items + 1, p.emb_dim, padding_idx=data.n_items)
         torch.nn.init.normal_(item_emb.weight, std=0.05)
         with torch.no_grad():
@@ -110,7 +109,7 @@ class MicChannel(EmbeddingChannel):
         self.user_tower = UserTower(data.n_users, data.n_items, self.user_enc.sizes, p.emb_dim, p.dim, p.hidden, 0.0,
                                     False, p.use_user_id, item_emb, p.recent_last)
         with torch.no_grad():
-            self.user_tower.trained_user[: data.n_users] = torch.as_tensor(np.diff(data.user_ptr) > 0)
+            self.user_tower.trained_user[: data.n_users] = trained_users(data.user_idx, data.n_users)
         self.item_tower = ItemTower(data.n_items, item_enc.codes, item_enc.sizes, p.emb_dim, p.dim, p.hidden, 0.0,
                                     False, item_emb)
         self.n_fields = {"u": int(p.use_user_id) + len(self.user_enc.sizes) + 1 + int(p.recent_last),
@@ -119,9 +118,7 @@ class MicChannel(EmbeddingChannel):
     def _user_inputs(self, data: TrainData, users: np.ndarray, end: np.ndarray | None = None) -> list[torch.Tensor]:
         """(user, attrs, recent) tensors of common/towers/inputs.py; end None = each user's latest items."""
         end = data.user_ptr[users + 1] if end is None else end
-        x = history_inputs(users, self.user_attr_codes[users], data.item_idx, data.user_ptr[users], end,
-                           self.params.recent_n, data.n_items)
-        return [torch.as_tensor(x.user), torch.as_tensor(x.attrs), torch.as_tensor(x.recent)]
+        return list(tower_inputs(data, users, end, self.params.recent_n, self.user_attr_codes))
 
     def _encode(self, data: TrainData, side: str, ids: np.ndarray, rng: np.random.Generator | None) -> torch.Tensor:
         """Vectors of users / items `ids` (users from their latest items). With `rng`, a contrastive view: a user's
@@ -182,6 +179,7 @@ class MicChannel(EmbeddingChannel):
         def batch_loss(b: Batch) -> torch.Tensor:
             users, pos = data.user_idx[b.rows].astype(np.int64), data.item_idx[b.rows].astype(np.int64)
             uid, attrs, rec = self._user_inputs(data, users, b.rows)
+            # not drop_user_ids: this draws even at rate 0, and the draw moves every later random number
             uid = torch.where(torch.as_tensor(rng.random(len(users)) < p.user_id_dropout), data.n_users, uid)
             estimator.update(pos)
             uniq, inv = np.unique(pos, return_inverse=True)
@@ -218,9 +216,7 @@ class MicChannel(EmbeddingChannel):
     @torch.no_grad()
     def encode_users(self, data: TrainData) -> np.ndarray:
         """Every user's vector from their latest `recent_n` items (what serving computes)."""
-        users = np.arange(data.n_users)
-        return np.concatenate([self._encode(data, "u", users[s:s + 4096], None).numpy()
-                               for s in range(0, len(users), 4096)] or [np.zeros((0, self.params.dim), np.float32)])
+        return encode_in_batches(data, None, lambda u: self._encode(data, "u", u, None).numpy(), self.params.dim)
 
     @torch.no_grad()
     def encode_items(self, data: TrainData) -> np.ndarray:

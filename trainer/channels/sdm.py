@@ -13,24 +13,25 @@ precomputed, so serving is unchanged). See docs/channels.md ("SDM").
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from common.towers import export_tower, history_inputs, input_meta, recent_matrix
+from common.towers import recent_matrix
 from common.towers.sdm import SDMTower
+from trainer.channels.hooks.sdm import SDMHooks
 from trainer.channels.sdm_train import ItemSide
-from trainer.channels.warm_tower import WarmTowerChannel
 from trainer.data.sessions import session_bounds, split_sessions
 from trainer.data.train_data import TrainData
-from trainer.nn.encoding import encode_attrs
+from trainer.nn.encoding import item_tower_encoding, user_tower_encoding
 from trainer.nn.loop import Batch, LoopConfig, adam, seeded, train_loop, unique_parameters
 from trainer.nn.losses import FULL_SOFTMAX_UP_TO, SampledSoftmax
 from trainer.nn.negatives import PowerSampler
-from trainer.nn.warm_start import RowTable, WarmState
+from trainer.nn.user_inputs import drop_user_ids, trained_users
+from trainer.nn.warm_start import WarmState
 
 SIDE_FIELDS = ("category", "brand", "market")
 
@@ -128,7 +129,7 @@ def windows_before(data: TrainData, rows: np.ndarray, short_n: int, gap_s: int |
     return start, rows[keep] - start
 
 
-class SDMChannel(WarmTowerChannel):
+class SDMChannel(SDMHooks):
     """SDM u2i channel: the served tower is `common.towers.sdm.SDMTower`."""
 
     model = "sdm"
@@ -139,10 +140,8 @@ class SDMChannel(WarmTowerChannel):
     # -- features ---------------------------------------------------------------------------------
     def _prepare(self, data: TrainData) -> None:
         p: SDMParams = self.params
-        self.user_enc = encode_attrs(data.user_attrs if p.use_user_attrs else None, data.n_users, multi_valued=False,
-                                     max_numeric_values=2000)
-        ua = self.user_enc.codes[:, :, 0] if self.user_enc.columns else np.zeros((data.n_users, 1), np.int64)
-        self.user_attr_codes = np.vstack([ua, np.zeros((1, ua.shape[1]), np.int64)])  # row n_users: unknown
+        self.user_enc, self.user_attr_codes = user_tower_encoding(data.user_attrs if p.use_user_attrs else None,
+                                                                  data.n_users)
         self.side_fields: list[str] = []
         self.side_names: list[list[str]] = []
         codes, sizes = [], []
@@ -158,8 +157,7 @@ class SDMChannel(WarmTowerChannel):
         self.side_sizes = sizes
         self.item_codes = np.stack(codes, axis=1) if codes else np.zeros((data.n_items, 0), np.int64)
         if p.item_attrs:
-            self.item_enc = encode_attrs(data.item_attrs, data.n_items, multi_valued=True,
-                                         categorical=(data.category_column or "",))
+            self.item_enc = item_tower_encoding(data.item_attrs, data.n_items, data.category_column)
 
     def _build_model(self, data: TrainData) -> None:
         p: SDMParams = self.params
@@ -167,8 +165,7 @@ class SDMChannel(WarmTowerChannel):
                               p.recent_n - p.short_n, p.num_heads, p.lstm_layers, p.dropout, p.fusion, p.normalize,
                               p.session_gap_s, p.use_user_id)
         with torch.no_grad():
-            self.tower.trained_user[: data.n_users] = torch.as_tensor(
-                np.bincount(data.user_idx, minlength=data.n_users)[: data.n_users] > 0)
+            self.tower.trained_user[: data.n_users] = trained_users(data.user_idx, data.n_users)
             if self.item_codes.shape[1]:
                 self.tower.item_codes[: data.n_items] = torch.as_tensor(self.item_codes)
         self.out_emb = torch.nn.Embedding(max(data.n_items, 1), p.dim)  # the separate output item embedding
@@ -245,9 +242,7 @@ class SDMChannel(WarmTowerChannel):
             if target_ok is not None:  # only the new interactions are targets
                 nxt = start[:, None] + np.arange(1, p.short_n + 1)[None, :]
                 target[~torch.as_tensor(target_ok[np.minimum(nxt, len(target_ok) - 1)])] = -1
-            if p.user_id_dropout > 0:
-                drop = torch.as_tensor(rng.random(len(uid)) < p.user_id_dropout)
-                uid = torch.where(drop, torch.full_like(uid, data.n_users), uid)
+            uid = drop_user_ids(uid, p.user_id_dropout, data.n_users, rng)
             o = self.tower.encode(uid, attrs, short=short, long=long)  # [B, S, d], causal
             has = target >= 0
             return softmax(self.tower.output(o[has]), target[has], self.item_vectors_of, rng)
@@ -255,65 +250,3 @@ class SDMChannel(WarmTowerChannel):
         history = train_loop(batch_loss, examples, opt, self.loop_config, rng,
                              modules=[] if warm else list(self.warm_modules().values()))
         self.losses = history.losses
-
-    # -- export -----------------------------------------------------------------------------------
-    def user_inputs(self, data: TrainData, users: np.ndarray) -> tuple[torch.Tensor, ...]:
-        """The tower's request inputs of `users` from their latest `recent_n` items and times (what serving
-        builds with common/towers/inputs.py)."""
-        x = history_inputs(users, self.user_attr_codes[users], data.item_idx, data.user_ptr[users],
-                           data.user_ptr[users + 1], self.params.recent_n, data.n_items, ts=data.ts)
-        return tuple(torch.as_tensor(a) for a in x)
-
-    def export_user_tower(self, data: TrainData) -> tuple[bytes, dict[str, Any]]:
-        """(state-dict bytes, user_tower_meta): arch "sdm", its hparams and the input meta."""
-        return export_tower(self.tower, input_meta(data.n_users, data.n_items, self.params.recent_n,
-                                                   self.user_enc.columns, self.user_enc.vocab))
-
-    @torch.no_grad()
-    def encode_users(self, data: TrainData, users: np.ndarray | None = None) -> np.ndarray:
-        """User vectors from each user's latest `recent_n` items (what serving computes)."""
-        users = np.arange(data.n_users) if users is None else np.asarray(users, np.int64)
-        out = [self.tower(*self.user_inputs(data, users[b0:b0 + 4096])).numpy() for b0 in range(0, len(users), 4096)]
-        return np.concatenate(out) if out else np.zeros((0, self.params.dim), np.float32)
-
-    @torch.no_grad()
-    def encode_items(self, data: TrainData) -> np.ndarray:
-        return self.item_vectors_of(torch.arange(data.n_items, dtype=torch.int64)).numpy()
-
-    # -- incremental updates between nightlies (docs/event_log.md; the mechanism: trainer/channels/warm_tower.py) --
-    def warm_modules(self) -> dict[str, torch.nn.Module]:
-        side = {"item_side": self.item_side} if self.item_side is not None else {}
-        return {"tower": self.tower, "out_emb": self.out_emb, **side}
-
-    def warm_tables(self) -> list[RowTable]:
-        """The input item embeddings (short- and long-term behaviours) and side codes, the output item embeddings,
-        the user rows."""
-        return [RowTable("tower.item_emb.weight", "item", history=True),
-                RowTable("tower.item_codes", "item", train=False),
-                RowTable("out_emb.weight", "item", tail=0, item_vector=True),
-                RowTable("tower.user_emb.weight", "user", new="unknown"),
-                RowTable("tower.trained_user", "user", train=False, derived=True, marks_trained=True)]
-
-    def warm_extra(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The user (and, with `item_attrs`, item) attribute codes and vocabularies, the side fields' value names."""
-        tensors, meta = self.attrs_checkpoint(items=self.item_side is not None)
-        return tensors, {**meta, "side_fields": self.side_fields, "side_names": self.side_names}
-
-    def warm_prepare(self, data: TrainData, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        n_i0 = int(meta["n_items"])
-        self.restore_attrs(data, tensors, meta)
-        self.side_fields, self.side_names = meta["side_fields"], meta["side_names"]
-        self.side_sizes = [len(n) for n in self.side_names]
-        old = tensors["tower.item_codes"].numpy()[:n_i0]
-        new = np.tile(np.asarray(self.side_sizes, np.int64), (data.n_items - n_i0, 1))  # unknown
-        for j, f in enumerate(self.side_fields):
-            c, names = data.item_field(f), data.item_field_names(f)
-            if c is None or not len(new):
-                continue
-            index = {name: k for k, name in enumerate(self.side_names[j])}  # a new value: unknown until the nightly
-            new[:, j] = [index.get(names[x], self.side_sizes[j]) if x >= 0 else self.side_sizes[j]
-                         for x in c[n_i0:]]
-        self.item_codes = np.concatenate([old, new]).reshape(data.n_items, len(self.side_fields))
-
-    def encode_item_rows(self, data: TrainData, items: np.ndarray) -> np.ndarray:
-        return self.item_vectors_of(torch.as_tensor(items, dtype=torch.int64)).numpy()

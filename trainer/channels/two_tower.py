@@ -11,17 +11,16 @@ or the full catalog (small catalogs). See docs/channels.md ("Two-tower") for the
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from common.towers import export_tower, history_inputs, input_meta
 from common.towers.two_tower_user import UserTower
-from trainer.channels.warm_tower import WarmTowerChannel
+from trainer.channels.hooks.two_tower import TwoTowerHooks
 from trainer.data.train_data import TrainData
-from trainer.nn.encoding import encode_attrs
+from trainer.nn.encoding import item_tower_encoding, user_tower_encoding
 from trainer.nn.loop import Batch, LoopConfig, adam, seeded, train_loop, unique_parameters
 from trainer.nn.losses import logits, pair_logits, ranking_loss, row_logits
 from trainer.nn.negatives import (
@@ -35,13 +34,8 @@ from trainer.nn.negatives import (
     relative_log_q,
 )
 from trainer.nn.towers import ItemTower
-from trainer.nn.warm_start import (
-    LazyAdam,
-    RowTable,
-    WarmState,
-    estimator_tensors,
-    load_estimator,
-)
+from trainer.nn.user_inputs import drop_user_ids, trained_users
+from trainer.nn.warm_start import LazyAdam, WarmState
 
 
 class TwoTowerParams(BaseModel):
@@ -105,7 +99,7 @@ def scaled_epochs(epochs: int, n_examples: int, max_examples: int | None) -> int
     return max(1, min(epochs, max_examples // n_examples))
 
 
-class TwoTowerChannel(WarmTowerChannel):
+class TwoTowerChannel(TwoTowerHooks):
     """DSSM-style two-tower u2i channel."""
 
     model = "two_tower"
@@ -116,13 +110,10 @@ class TwoTowerChannel(WarmTowerChannel):
     # -- features ---------------------------------------------------------------------------------
     def _prepare(self, data: TrainData) -> None:
         p: TwoTowerParams = self.params
-        self.user_enc = encode_attrs(data.user_attrs if p.use_user_attrs else None, data.n_users, multi_valued=False,
-                                     max_numeric_values=2000)
-        self.item_enc = encode_attrs(data.item_attrs if p.use_item_attrs else None, data.n_items, multi_valued=True,
-                                     categorical=(data.category_column or "",))
-        # unknown user (row n_users) has all-unknown attributes
-        ua = self.user_enc.codes[:, :, 0] if self.user_enc.columns else np.zeros((data.n_users, 1), np.int64)
-        self.user_attr_codes = np.vstack([ua, np.zeros((1, ua.shape[1]), np.int64)])
+        self.user_enc, self.user_attr_codes = user_tower_encoding(data.user_attrs if p.use_user_attrs else None,
+                                                                  data.n_users)
+        self.item_enc = item_tower_encoding(data.item_attrs if p.use_item_attrs else None, data.n_items,
+                                            data.category_column)
 
     def _build_model(self, data: TrainData) -> None:
         p: TwoTowerParams = self.params
@@ -140,17 +131,10 @@ class TwoTowerChannel(WarmTowerChannel):
         self.user_tower = UserTower(data.n_users, data.n_items, self.user_enc.sizes, p.emb_dim, p.dim, p.hidden,
                                     p.dropout, p.senet, p.use_user_id, item_emb_user, p.recent_last)
         with torch.no_grad():
-            self.user_tower.trained_user[: data.n_users] = torch.as_tensor(
-                np.bincount(data.user_idx, minlength=data.n_users)[: data.n_users] > 0)
+            self.user_tower.trained_user[: data.n_users] = trained_users(data.user_idx, data.n_users)
         self.item_tower = ItemTower(data.n_items, self.item_enc.codes, self.item_enc.sizes, p.emb_dim, p.dim,
                                     p.hidden, p.dropout, p.senet, item_emb_item)
         self.bias = torch.nn.Parameter(torch.zeros(()))  # pointwise BCE offset
-
-    def _user_inputs(self, data: TrainData, users: np.ndarray, end: np.ndarray) -> tuple[torch.Tensor, ...]:
-        """(user, attrs, recent) tensors: the encoding of common/towers/inputs.py (the one serving uses)."""
-        x = history_inputs(users, self.user_attr_codes[users], data.item_idx, data.user_ptr[users], end,
-                           self.params.recent_n, data.n_items)
-        return torch.as_tensor(x.user), torch.as_tensor(x.attrs), torch.as_tensor(x.recent)
 
     # -- training ---------------------------------------------------------------------------------
     def fit(self, data: TrainData, progress: bool = False) -> None:
@@ -204,9 +188,7 @@ class TwoTowerChannel(WarmTowerChannel):
             users = data.user_idx[g].astype(np.int64)
             pos_np = data.item_idx[g].astype(np.int64)
             uid, attrs, rec = self._user_inputs(data, users, g)
-            if p.user_id_dropout > 0:
-                drop = torch.as_tensor(rng.random(len(g)) < p.user_id_dropout)
-                uid = torch.where(drop, torch.full_like(uid, data.n_users), uid)
+            uid = drop_user_ids(uid, p.user_id_dropout, data.n_users, rng)
             estimator.update(pos_np)
             pos = torch.as_tensor(pos_np)
             u = self.user_tower(uid, attrs, rec)
@@ -252,63 +234,3 @@ class TwoTowerChannel(WarmTowerChannel):
         table_ids = {id(t) for t in tables}
         rest = [q for q in params if id(q) not in table_ids]
         return [LazyAdam(tables, lr=p.lr, weight_decay=p.weight_decay), adam(rest, self.loop_config)]
-
-    # -- export -----------------------------------------------------------------------------------
-    def export_user_tower(self, data: TrainData) -> tuple[bytes, dict[str, Any]]:
-        """(state-dict bytes, user_tower_meta): arch "two_tower_user", its hparams and the input meta."""
-        return export_tower(self.user_tower, input_meta(data.n_users, data.n_items, self.params.recent_n,
-                                                        self.user_enc.columns, self.user_enc.vocab))
-
-    @torch.no_grad()
-    def encode_users(self, data: TrainData, users: np.ndarray | None = None) -> np.ndarray:
-        """User vectors from each user's latest `recent_n` items (what serving computes)."""
-        users = np.arange(data.n_users) if users is None else np.asarray(users, np.int64)
-        out = []
-        for b0 in range(0, len(users), 4096):
-            u = users[b0:b0 + 4096]
-            out.append(self.user_tower(*self._user_inputs(data, u, data.user_ptr[u + 1])).numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.params.dim), np.float32)
-
-    @torch.no_grad()
-    def encode_items(self, data: TrainData) -> np.ndarray:
-        return self.item_tower(torch.arange(data.n_items, dtype=torch.int64)).numpy()
-
-    # -- incremental updates between nightlies (docs/event_log.md; the mechanism: trainer/channels/warm_tower.py) --
-    def warm_modules(self) -> dict[str, torch.nn.Module]:
-        return {"user_tower": self.user_tower, "item_tower": self.item_tower}
-
-    def warm_tables(self) -> list[RowTable]:
-        """Users' rows (a first-time user starts from the unknown-user row); the items' rows, read by the item tower
-        and pooled over the recent items by the user tower (one table twice when shared)."""
-        return [RowTable("user_tower.user_emb.weight", "user", new="unknown"),
-                RowTable("user_tower.trained_user", "user", train=False, derived=True, marks_trained=True),
-                RowTable("user_tower.item_emb.weight", "item", history=True),
-                RowTable("item_tower.item_emb.weight", "item", item_vector=True)]
-
-    def warm_extra(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The pointwise bias, the logQ frequency estimator, the attribute codes and vocabularies."""
-        tensors, meta = self.attrs_checkpoint()
-        return {"bias": self.bias.detach(), **tensors, **estimator_tensors(self.estimator)}, meta
-
-    def warm_prepare(self, data: TrainData, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        self.restore_attrs(data, tensors, meta)
-
-    def warm_build(self, data: TrainData, tensors: dict[str, torch.Tensor]) -> None:
-        self._build_model(data)
-        self.bias = torch.nn.Parameter(tensors["bias"].clone(), requires_grad=False)
-
-    def warm_train(self, data: TrainData, rng: np.random.Generator, rows: np.ndarray, opt: torch.optim.Optimizer,
-                   tensors: dict[str, torch.Tensor]) -> list[float]:
-        p: TwoTowerParams = self.params
-        self.loop_config = self.incremental_loop_config(self.progress)
-        estimator = load_estimator(StreamingFrequencyEstimator(p.freq_hash_size, p.freq_hashes, p.freq_alpha,
-                                                               seed=self.seed), tensors)
-        self._train(data, rng, WarmState(rows, opt, estimator))
-        return self.losses
-
-    def encode_item_rows(self, data: TrainData, items: np.ndarray) -> np.ndarray:
-        return self._encode_items(items)
-
-    @torch.no_grad()
-    def _encode_items(self, items: np.ndarray) -> np.ndarray:
-        return self.item_tower(torch.as_tensor(items, dtype=torch.int64)).numpy()

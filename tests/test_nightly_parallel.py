@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_nightly import TINY_CONFIG  # the classic channels; this file adds the heavy ones
 
 from common.publish import current_version, read_manifest
 from common.settings import Settings
@@ -24,14 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # every kind of job: cheap and heavy, numpy/numba/gensim/implicit/faiss, and two models that draw from torch's
 # process-wide generator (fm, two_tower: never at the same time)
-CONFIG = """
-merge: {normalize: rank, rank_offset: 20}
-channels:
-  popular: {kind: list, model: popular, weight: 0.3, quota: 50}
-  itemcf: {kind: i2i, model: itemcf, weight: 1.0, quota: 100}
-  usercf: {kind: u2u, model: usercf, weight: 0.5, quota: 50, params: {top_k: 20}}
-  mf: {kind: u2i, model: mf, weight: 1.0, quota: 100, params: {dim: 8, epochs: 3, top_k: 20}}
-  mf_i2i: {kind: i2i, from: mf, weight: 0.3, quota: 50}
+CONFIG = TINY_CONFIG.replace("  fm: {kind: u2i, model: fm, weight: 0.5, quota: 50, enabled: false}\n", "") + """\
   item2vec: {kind: i2i, model: item2vec, weight: 0.3, quota: 50, params: {epochs: 2, dim: 8, top_k: 20}}
   fm: {kind: u2i, model: fm, weight: 0.5, quota: 50, params: {epochs: 1}}
   two_tower: {kind: u2i, model: two_tower, weight: 1.0, quota: 50, params: {epochs: 1, max_examples: 1000000}}

@@ -161,3 +161,24 @@ def test_disk_artifacts_follow_redis_retention(settings, stores, small, config):
         in_redis = sorted(v.decode() for v in meta.zrange(ks.versions(c), 0, -1))
         on_disk = sorted(d.name for d in version_dirs(settings.artifacts_dir / c))
         assert len(in_redis) == 2 and on_disk == in_redis, (c, on_disk, in_redis)
+
+
+def test_a_signal_while_the_lease_starts_still_releases_the_lock(stores, monkeypatch):
+    """SIGTERM can land right after the lock is taken, before the heartbeat thread runs (the test above froze a
+    run exactly there once): releasing must not fail on the unstarted thread, and the lock must go."""
+    import threading
+
+    from trainer.runs import RunLease
+
+    def interrupted(self):
+        raise KeyboardInterrupt  # what the signal handler raises in the main thread at that point
+
+    lease = RunLease(stores, "sigtest", "nightly")
+    with monkeypatch.context() as m:
+        m.setattr(threading.Thread, "start", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            lease.acquire()
+    assert stores("meta").get(stores.keyspace.job_lock()) is not None  # taken before the signal
+    lease.release()
+    assert stores("meta").get(stores.keyspace.job_lock()) is None
+    assert stores("meta").get(stores.keyspace.run_lease("sigtest")) is None

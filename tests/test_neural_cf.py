@@ -246,7 +246,7 @@ def test_rescoring_improves_on_the_gmf_part_and_brute_force_on_both(data, fitted
                        RescoreSettings(n=1, bruteforce_max=10**6)) for u in users]
     for (a, sa), (b, sb) in zip(two, brute, strict=True):
         np.testing.assert_array_equal(a, b)
-        np.testing.assert_allclose(sa, sb, rtol=1e-6)
+        np.testing.assert_allclose(sa, sb, rtol=1e-5, atol=1e-6)  # float32 sums in another batch shape
     gmf_only = [np.argsort(-(art.item_vectors @ art.user_vectors[u]))[:10] for u in users]
     assert sum(not np.array_equal(a, g) for (a, _), g in zip(two, gmf_only, strict=True)) > len(users) // 2
 

@@ -89,8 +89,10 @@ class RunLease:
                 raw = self._client.get(self.ks.job_lock())
                 raise JobRunning(json.loads(raw) if raw else {})
         self._client.set(self.ks.run_lease(self.run_id), self.value, ex=self.ttl_s)
-        self._thread = threading.Thread(target=self._beat, name=f"lease-{self.run_id}", daemon=True)
-        self._thread.start()
+        # assigned once started: a signal landing between the two must not leave release() an unstarted thread
+        thread = threading.Thread(target=self._beat, name=f"lease-{self.run_id}", daemon=True)
+        thread.start()
+        self._thread = thread
         return self
 
     def _beat(self) -> None:

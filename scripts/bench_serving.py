@@ -240,18 +240,22 @@ def bench_config(two_tower: bool, every_channel: bool = False) -> str:
     """config/channels.yaml (every classic channel) plus a two-tower u2i channel; with `every_channel`, every
     entry of the config enabled too. Training budgets of the neural channels are cut (this measures serving, not
     quality): the artifacts have the same shape."""
+    from trainer.channels import registry
+
     raw = yaml.safe_load((ROOT / "config" / "channels.yaml").read_text())
+    known = registry.models()
     for spec in raw["channels"].values():
         if every_channel and spec.get("enabled") is False:
             spec["enabled"] = True
             if spec.get("model") and spec.get("model") not in ("itemcf", "usercf", "mf", "popular"):
-                spec.setdefault("params", {})["epochs"] = 1
+                params = spec.setdefault("params", {})
+                params["epochs"] = 1
+                if "warmup_epochs" in known[spec["model"]].Params.model_fields:  # MIC: mining needs an epoch after
+                    params.update(warmup_epochs=1, epochs=2)
         if spec.get("model") == "fm":
             spec.setdefault("params", {})["epochs"] = 1
     if two_tower:
-        from trainer.channels import registry
-
-        if "two_tower" in registry.models():
+        if "two_tower" in known:
             raw["channels"]["two_tower"] = {"kind": "u2i", "model": "two_tower", "weight": 0.5, "quota": 100,
                                             "params": {"epochs": 1}}
         else:

@@ -19,7 +19,7 @@ from common.channel_config import ChannelSpec, ConfigError, parse_config
 from common.publish import current_version, read_manifest
 from tests.channel_contract import ChannelContract
 from trainer.channels import registry
-from trainer.channels.mic import MicChannel
+from trainer.channels.mic import MicChannel, cl_scale
 from trainer.data.train_data import TrainData
 from trainer.nn.contrastive import NeighborMiner, nt_xent
 from trainer.nn.views import field_keep_mask, mask_ids
@@ -189,6 +189,84 @@ def test_knn_positives_and_hard_negatives_come_from_the_right_places():
     assert in_knn.any()
 
 
+def test_knn_min_sim_keeps_only_close_neighbours_as_positives():
+    """Neighbours under the cosine threshold are no positives, but stay excluded from the hard negatives."""
+    x, _labels = planted_vectors()
+    ids = np.arange(40)
+    loose = NeighborMiner(k=15, n_clusters=4, near_clusters=1, seed=42, nredo=10)
+    loose.refresh(x)
+    scores = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (x / np.linalg.norm(x, axis=1, keepdims=True)).T
+    cut = float(np.median(scores[ids[:, None], loose.knn]))
+    strict = NeighborMiner(k=15, n_clusters=4, near_clusters=1, seed=42, nredo=10, min_sim=cut)
+    strict.refresh(x)
+    np.testing.assert_array_equal(strict.knn, loose.knn)
+    pos, all_pos = strict.positives(ids), loose.positives(ids)
+    want = all_pos & (scores >= cut - 1e-5)
+    assert 0 < pos.sum() < all_pos.sum()
+    np.testing.assert_array_equal(pos, want)
+    neg, usable = strict.hard_negatives(ids, 50, np.random.default_rng(0))
+    in_knn = np.array([[n in strict.knn[a] for n in row] for a, row in zip(ids, neg, strict=True)])
+    np.testing.assert_array_equal(usable, ~in_knn)
+
+
+def test_contrastive_weights_fall_linearly_over_training(data, monkeypatch):
+    import trainer.channels.mic as mic_module
+
+    assert cl_scale(1.0, 0.7) == 1.0 and cl_scale(0.0, 0.0) == 1.0
+    assert cl_scale(0.0, 0.25) == pytest.approx(0.75) and cl_scale(0.2, 1.0) == pytest.approx(0.2)
+    seen: list[float] = []
+    real = mic_module.cl_scale
+    monkeypatch.setattr(mic_module, "cl_scale", lambda final, prog: seen.append(prog) or real(final, prog))
+    ch = registry.build(ChannelSpec(name="m", kind="u2i", model="mic", params={
+        **FAST, "epochs": 3, "warmup_epochs": 1, "cl_final_scale": 0.0}))
+    ch.fit(data)
+    assert seen[0] == 0.0 and all(b > a for a, b in zip(seen, seen[1:], strict=False)) and 0.9 < seen[-1] < 1.0
+
+
+def test_projection_head_carries_the_contrast_and_not_the_retrieval_vectors(data, monkeypatch):
+    """With `cl_head` the views go through a trained head; the published vectors are the towers' own outputs."""
+    import trainer.channels.mic as mic_module
+
+    class Spy(mic_module.ProjectionHead):
+        def __init__(self, dim: int):
+            super().__init__(dim)
+            self.initial = [q.detach().clone() for q in self.parameters()]
+
+    monkeypatch.setattr(mic_module, "ProjectionHead", Spy)
+    ch = registry.build(ChannelSpec(name="m", kind="u2i", model="mic", params={**FAST, "cl_head": True}))
+    ch.fit(data)
+    for head in ch.cl_heads.values():
+        assert all(not torch.equal(a, b) for a, b in zip(head.initial, head.parameters(), strict=True)), "untrained"
+    np.testing.assert_allclose(ch.encode_users(data), ch.user_vectors, atol=1e-6)
+    np.testing.assert_allclose(ch.encode_items(data), ch.item_vectors, atol=1e-6)
+    item_c, user_c = cluster(data.item_map.ids), cluster(data.user_map.ids)
+    recs = ch.recommend(data, np.arange(data.n_users), 4, kind="u2i")
+    assert np.mean([np.mean(item_c[ids] == user_c[u]) for u, (ids, _) in enumerate(recs)]) >= 0.9
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5])
+def test_view_u2i_adds_a_softmax_on_perturbed_user_views(data, monkeypatch, weight):
+    """`view_u2i_weight` > 0: every step has a second u2i softmax, same items, users as perturbed views."""
+    import trainer.channels.mic as mic_module
+
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real = mic_module.in_batch_softmax_loss
+
+    def spy(users, items, *args, **kwargs):
+        calls.append((users.detach().clone(), items.detach().clone()))
+        return real(users, items, *args, **kwargs)
+
+    monkeypatch.setattr(mic_module, "in_batch_softmax_loss", spy)
+    ch = registry.build(ChannelSpec(name="m", kind="u2i", model="mic", params={
+        **FAST, "epochs": 2, "warmup_epochs": 1, "view_u2i_weight": weight}))
+    ch.fit(data)
+    steps = 2 * -(-len(data.item_idx) // FAST["batch_size"])
+    assert len(calls) == steps * (2 if weight else 1)
+    if weight:
+        for (u, i), (u_v, i_v) in zip(calls[::2], calls[1::2], strict=True):
+            assert torch.equal(i, i_v) and u.shape == u_v.shape and not torch.equal(u, u_v)
+
+
 def test_mining_starts_after_the_warm_up_from_the_previous_epoch(fitted):
     assert fitted.metrics["snapshot_epochs"] == list(range(FAST["warmup_epochs"] - 1, FAST["epochs"] - 1))
     assert np.isfinite(fitted.losses).all() and fitted.losses[-1] < fitted.losses[0]
@@ -267,6 +345,9 @@ def test_contrastive_training_tells_each_users_views_apart_from_other_users(data
     ({"cl_temperature": 0}, "params.cl_temperature"),
     ({"warmup_epochs": 0}, "params.warmup_epochs"),
     ({"hard_negatvies": 2}, "params.hard_negatvies"),
+    ({"cl_final_scale": 1.5}, "params.cl_final_scale"),
+    ({"knn_min_sim": 1.0}, "params.knn_min_sim"),
+    ({"view_u2i_weight": -0.1}, "params.view_u2i_weight"),
 ])
 def test_bad_settings_fail_at_load_naming_channel_and_key(params, key):
     raw = {"channels": {"my_mic": {"kind": "u2i", "model": "mic", "params": params}}}

@@ -35,7 +35,9 @@ from trainer.nn.views import mask_ids, perturb
 class MicParams(BaseModel):
     """Backbone settings are the two-tower channel's defaults. The contrastive ones give the best i2i lists on the
     ml-100k validation split; the u2i alone scores best there without the contrastive losses (the backbone) and
-    `u2u_weight: 0` (i2i contrast only) scores best on the mean of the three channels (docs/channels.md, "MIC")."""
+    `u2u_weight: 0` (i2i contrast only) scores best on the mean of the three channels (docs/channels.md, "MIC").
+    `cl_head`, `cl_final_scale`, `view_u2i_weight` and `knn_min_sim` (off by default) bring the u2i back to the
+    backbone's level on that split, not above it (three seeds)."""
 
     model_config = ConfigDict(extra="forbid")
     emb_dim: int = Field(64, ge=2, le=1024, description="embedding size of every input field")
@@ -52,6 +54,12 @@ class MicParams(BaseModel):
     u2u_weight: float = Field(0.1, ge=0, le=10, description="weight of the u2u contrastive loss (0: off)")
     i2i_weight: float = Field(0.1, ge=0, le=10, description="weight of the i2i contrastive loss (0: off)")
     cl_temperature: float = Field(0.1, gt=0, le=10, description="τ of the contrastive losses")
+    cl_head: bool = Field(False, description="contrastive losses on a projection head over the tower output (SimCLR): "
+                          "the retrieval vectors feed the u2i loss directly, the views' through a 2-layer MLP")
+    view_u2i_weight: float = Field(0.0, ge=0, le=10, description="weight of a second u2i softmax whose users are "
+                                   "perturbed views (field / history masks, dropout; the id kept): 0 = off")
+    cl_final_scale: float = Field(1.0, ge=0, le=1, description="the contrastive weights fall linearly over training "
+                                  "from their value at the first step to this share of it at the last (1: constant)")
     cl_entities: int = Field(256, ge=0, le=65536, description="users / items per step of each contrastive loss, drawn "
                              "uniformly from the trained ones (0: the batch's own, ∝ activity / popularity)")
     view_user_id: bool = Field(False, description="user views keep the user-id field (false: views are built from "
@@ -63,6 +71,8 @@ class MicParams(BaseModel):
     knn_positives: int = Field(5, ge=0, le=100, description="previous-epoch nearest neighbours that count as "
                                "positives (0: off)")
     knn_weight: float = Field(0.5, gt=0, le=1, description="weight of a kNN positive (the twin view weighs 1)")
+    knn_min_sim: float = Field(-1.0, ge=-1, lt=1, description="a kNN neighbour counts as a positive only when its "
+                               "snapshot cosine is at least this (-1: every one of the k)")
     hard_negatives: int = Field(4, ge=0, le=256, description="k-means hard negatives per entity (0: off)")
     n_clusters: int = Field(20, ge=2, le=100_000, description="k-means clusters of the previous epoch's embeddings")
     near_clusters: int = Field(3, ge=1, description="hard negatives come from this many clusters nearest the own")
@@ -112,6 +122,7 @@ class MicChannel(EmbeddingChannel):
             self.user_tower.trained_user[: data.n_users] = trained_users(data.user_idx, data.n_users)
         self.item_tower = ItemTower(data.n_items, item_enc.codes, item_enc.sizes, p.emb_dim, p.dim, p.hidden, 0.0,
                                     False, item_emb)
+        self.cl_heads = torch.nn.ModuleDict({s: ProjectionHead(p.dim) for s in ("u", "i")}) if p.cl_head else None
         self.n_fields = {"u": int(p.use_user_id) + len(self.user_enc.sizes) + 1 + int(p.recent_last),
                          "i": 1 + len(item_enc.sizes)}
 
@@ -138,14 +149,15 @@ class MicChannel(EmbeddingChannel):
     def _contrast(self, data: TrainData, side: str, ids: np.ndarray, miner: NeighborMiner | None,
                   rng: np.random.Generator) -> torch.Tensor:
         p: MicParams = self.params
-        z1 = self._encode(data, side, ids, rng)
-        z2 = self._encode(data, side, ids, rng) if p.perturb else z1
+        head = self.cl_heads[side] if self.cl_heads is not None else (lambda z: z)
+        z1 = head(self._encode(data, side, ids, rng))
+        z2 = head(self._encode(data, side, ids, rng)) if p.perturb else z1
         if miner is None:
             return nt_xent(z1, z2, p.cl_temperature)
         extra = torch.as_tensor(miner.positives(ids)) if p.knn_positives else None
         neg, usable = miner.hard_negatives(ids, p.hard_negatives, rng)
         uniq, inv = np.unique(neg, return_inverse=True)
-        hard = self._encode(data, side, uniq, rng)[torch.as_tensor(inv.reshape(neg.shape))] if neg.size else None
+        hard = head(self._encode(data, side, uniq, rng))[torch.as_tensor(inv.reshape(neg.shape))] if neg.size else None
         return nt_xent(z1, z2, p.cl_temperature, extra, p.knn_weight, hard, torch.as_tensor(usable))
 
     def fit(self, data: TrainData, progress: bool = False) -> None:
@@ -173,8 +185,10 @@ class MicChannel(EmbeddingChannel):
         weights = {"u": p.u2u_weight, "i": p.i2i_weight}
         valid = {"u": np.diff(data.user_ptr) > 0, "i": data.item_counts > 0}
         pools = {s: np.flatnonzero(v) for s, v in valid.items()}
-        miners = {s: NeighborMiner(p.knn_positives, p.n_clusters, p.near_clusters, self.seed) for s in weights}
+        miners = {s: NeighborMiner(p.knn_positives, p.n_clusters, p.near_clusters, self.seed, min_sim=p.knn_min_sim)
+                  for s in weights}
         mining_from = p.warmup_epochs if p.knn_positives or p.hard_negatives else p.epochs + 1
+        n_rows = len(data.item_idx)
 
         def batch_loss(b: Batch) -> torch.Tensor:
             users, pos = data.user_idx[b.rows].astype(np.int64), data.item_idx[b.rows].astype(np.int64)
@@ -187,6 +201,13 @@ class MicChannel(EmbeddingChannel):
             lq = relative_log_q(log_q, data.n_items, p.logq_weight)[inv] if p.logq_weight > 0 else None
             vecs = self.item_tower(torch.as_tensor(uniq))[torch.as_tensor(inv)]
             loss = in_batch_softmax_loss(self.user_tower(uid, attrs, rec), vecs, p.temperature, lq, torch.as_tensor(pos))
+            if p.view_u2i_weight > 0:  # the u2u channel's view of the user must still retrieve its item
+                rec_v = mask_ids(rec, p.history_mask, data.n_items, rng)
+                with perturb(self.user_tower, self.n_fields["u"], p.field_mask, p.emb_dropout, rng):
+                    z_v = self.user_tower(uid, attrs, rec_v)
+                loss = loss + p.view_u2i_weight * in_batch_softmax_loss(z_v, vecs, p.temperature, lq,
+                                                                        torch.as_tensor(pos))
+            scale = cl_scale(p.cl_final_scale, (b.epoch + b.start / n_rows) / p.epochs)
             for side, ids in (("u", np.unique(users)), ("i", uniq)):
                 if weights[side] == 0:
                     continue
@@ -194,7 +215,7 @@ class MicChannel(EmbeddingChannel):
                     pool = pools[side]
                     ids = np.sort(pool[rng.choice(len(pool), min(p.cl_entities, len(pool)), replace=False)])
                 miner = miners[side] if b.epoch >= mining_from else None
-                loss = loss + weights[side] * self._contrast(data, side, ids, miner, rng)
+                loss = loss + scale * weights[side] * self._contrast(data, side, ids, miner, rng)
             return loss
 
         def snapshot(epoch: int, _loss: float) -> None:
@@ -204,9 +225,9 @@ class MicChannel(EmbeddingChannel):
                     miners["i"].refresh(self.encode_items(data), valid["i"])
                 self.metrics["snapshot_epochs"].append(epoch)
 
-        self.losses = train_loop(batch_loss, np.arange(len(data.item_idx)), adam(
-            unique_parameters(self.user_tower, self.item_tower), cfg), cfg, rng, on_epoch_end=snapshot,
-            modules=[self.user_tower, self.item_tower]).losses
+        modules = [self.user_tower, self.item_tower] + ([self.cl_heads] if self.cl_heads is not None else [])
+        self.losses = train_loop(batch_loss, np.arange(len(data.item_idx)), adam(unique_parameters(*modules), cfg), cfg,
+                                 rng, on_epoch_end=snapshot, modules=modules).losses
 
     def export_user_tower(self, data: TrainData) -> tuple[bytes, dict[str, Any]]:
         """(state-dict bytes, user_tower_meta): arch "two_tower_user", served like the two-tower channel's."""
@@ -221,6 +242,22 @@ class MicChannel(EmbeddingChannel):
     @torch.no_grad()
     def encode_items(self, data: TrainData) -> np.ndarray:
         return self.item_tower(torch.arange(data.n_items, dtype=torch.int64)).numpy()
+
+
+class ProjectionHead(torch.nn.Module):
+    """z → normalize(W2 relu(W1 z)): the contrastive losses' own space over the retrieval vectors (SimCLR's head)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.ReLU(), torch.nn.Linear(dim, dim))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(self.mlp(z), dim=-1)
+
+
+def cl_scale(final: float, progress: float) -> float:
+    """Multiplier of the contrastive weights at `progress` ∈ [0, 1) of training: 1 → `final`, linearly."""
+    return 1.0 + (final - 1.0) * min(max(progress, 0.0), 1.0)
 
 
 def faiss_threads(n: int) -> int:

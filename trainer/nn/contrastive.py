@@ -4,9 +4,10 @@ positives and per-row hard negatives, and the miner that supplies them from a sn
 
     nt_xent(z1, z2, τ)          z1, z2 [N, d] L2-normalised views of N entities: a view's positive is its twin,
                                 the other 2(N−1) views of the batch are its negatives
-    miner = NeighborMiner(k=5, n_clusters=20, near_clusters=3, seed=42)
+    miner = NeighborMiner(k=5, n_clusters=20, near_clusters=3, seed=42, min_sim=-1.0)
     miner.refresh(vectors)      faiss kNN lists and spherical k-means clusters of a snapshot [n, d]
-    miner.positives(ids)        bool [N, N]: entity b is among entity a's k nearest → an extra positive of a
+    miner.positives(ids)        bool [N, N]: entity b is among entity a's k nearest (at cosine ≥ min_sim) → an
+                                extra positive of a
     miner.hard_negatives(ids, m, rng)   [N, m] members of the clusters nearest to a's own cluster (never a's own,
                                 where its true neighbours are), and whether each is usable (not among a's kNN)
 
@@ -52,10 +53,13 @@ class NeighborMiner:
     """kNN positives and cluster hard negatives from the last `refresh` snapshot (entity rows; invalid rows get
     neither and are never drawn)."""
 
-    def __init__(self, k: int, n_clusters: int, near_clusters: int, seed: int = 42, niter: int = 20, nredo: int = 5):
+    def __init__(self, k: int, n_clusters: int, near_clusters: int, seed: int = 42, niter: int = 20, nredo: int = 5,
+                 min_sim: float = -1.0):
         self.k, self.n_clusters, self.near_clusters, self.seed = k, n_clusters, near_clusters, seed
+        self.min_sim = min_sim  # a neighbour below this snapshot cosine is not a positive (still not a hard negative)
         self.niter, self.nredo = niter, nredo  # k-means: the best of `nredo` seeded runs (one can split a cluster)
         self.knn: np.ndarray | None = None  # int [n, k], -1 pads
+        self.knn_pos: np.ndarray | None = None  # knn with the neighbours under min_sim replaced by -1
         self.cluster: np.ndarray | None = None  # int [n], -1 = invalid row
         self.near = np.zeros((0, 0), np.int64)  # [n_clusters, near]: the nearest other clusters of each cluster
 
@@ -63,7 +67,11 @@ class NeighborMiner:
         x = np.ascontiguousarray(vectors, dtype=np.float32)
         n, d = x.shape
         ok = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
-        self.knn = cosine_neighbors(x, self.k, valid=ok).neighbors if self.k > 0 else np.full((n, 0), -1, np.int32)
+        if self.k > 0:
+            nb = cosine_neighbors(x, self.k, valid=ok)
+            self.knn, self.knn_pos = nb.neighbors, np.where(nb.scores >= self.min_sim, nb.neighbors, -1)
+        else:
+            self.knn = self.knn_pos = np.full((n, 0), -1, np.int32)
         rows = np.flatnonzero(ok)
         self.cluster = np.full(n, -1, np.int64)
         c = min(self.n_clusters, len(rows))
@@ -86,8 +94,9 @@ class NeighborMiner:
         self.start = np.concatenate([[0], np.cumsum(size)[:-1]])
 
     def positives(self, ids: np.ndarray) -> np.ndarray:
-        """bool [N, N]: [a, b] when entity ids[b] is among the k nearest of ids[a] (self excluded)."""
-        nb = self.knn[ids]
+        """bool [N, N]: [a, b] when entity ids[b] is among the k nearest of ids[a] (self excluded) with a snapshot
+        cosine ≥ min_sim."""
+        nb = self.knn_pos[ids]
         return (nb[:, :, None] == np.asarray(ids)[None, None, :]).any(1)
 
     def hard_negatives(self, ids: np.ndarray, m: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

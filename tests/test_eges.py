@@ -346,3 +346,31 @@ def test_item_registered_over_http_is_recalled_after_the_nightly(settings, store
     got = [it["item_id"] for it in body["items"]]
     assert "i40" in got and "i41" not in got
     fs.close()
+
+
+def test_scale_rule_bounds_walk_tokens_and_keeps_small_logs_unchanged():
+    """max_examples bounds epochs × walk tokens: whole epochs where one fits; above that, max_examples //
+    walk_length walks that start at every node once before any twice. Small logs are untouched."""
+    from trainer.budget import walk_starts
+
+    rng = np.random.default_rng(0)
+    nodes = np.arange(10, 20)
+    np.testing.assert_array_equal(walk_starts(nodes, 3, 5, None, rng), np.repeat(nodes, 3))
+    np.testing.assert_array_equal(walk_starts(nodes, 3, 5, 150, rng), np.repeat(nodes, 3))  # 10·3·5 = 150 fits
+    s = walk_starts(nodes, 3, 5, 70, rng)  # 14 walks: every node once, then 4 of them a second time
+    assert len(s) == 14 and set(s[:10]) == set(nodes.tolist()) and len(set(s[10:])) == 4
+    assert len(walk_starts(nodes, 3, 5, 1, rng)) == 1  # never less than one walk
+
+
+def test_scale_rule_in_the_fit(data):
+    full = build(walks_per_node=2, walk_length=10, epochs=4, max_examples=None)
+    full.fit(data)
+    tokens = full.metrics["n_tokens"]
+    assert full.metrics["epochs"] == 4 and tokens <= full.metrics["n_walks"] * 10
+    half = build(walks_per_node=2, walk_length=10, epochs=4, max_examples=2 * tokens)
+    half.fit(data)
+    assert half.metrics["epochs"] == 2 and half.metrics["n_walks"] == full.metrics["n_walks"]
+    tiny = build(walks_per_node=2, walk_length=10, epochs=4, max_examples=tokens // 4)
+    tiny.fit(data)
+    assert tiny.metrics["n_walks"] == tokens // 4 // 10
+    assert tiny.metrics["epochs"] * tiny.metrics["n_tokens"] <= tokens // 4

@@ -31,6 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from trainer.budget import scaled_epochs, walk_starts
 from trainer.channels.embedding import EmbeddingChannel
 from trainer.data.train_data import TrainData
 from trainer.graph.session_graph import session_graph
@@ -69,6 +70,11 @@ class EGESParams(BaseModel):
     negatives_power: float = Field(0.75, ge=-2, le=2, description="negatives drawn ∝ count^negatives_power")
     sample: float = Field(1e-3, ge=0, le=1, description="frequent-item subsampling threshold (0 = off)")
     epochs: int = Field(10, ge=1, le=1000)
+    max_examples: int | None = Field(4_000_000, ge=1, description="scale rule: at most this many walk tokens "
+                                     "trained per fit, in whole epochs (epochs = clamp(max_examples // tokens, 1, "
+                                     "epochs)); when one epoch of walks_per_node walks would be larger, "
+                                     "max_examples // walk_length walks (every node once before any twice); null "
+                                     "= no bound. ml-100k's 10 epochs are unchanged")
     lr: float = Field(0.03, gt=0, le=10)
     lr_decay: bool = Field(True, description="Adam's lr decayed linearly to lr·1e-4 over the run (word2vec's)")
     batch_size: int = Field(4096, ge=2, le=1_000_000)
@@ -185,14 +191,17 @@ class EGESChannel(EmbeddingChannel):
         enc = encode_side_info(data, p.side_info) if p.aggregation != "bge" else AttrEncoding(n_rows=n)
         self.side_info_columns = enc.columns
         graph = session_graph(data, p.session_gap_s, p.ties, p.edge_window)
-        starts = np.repeat(np.flatnonzero(graph.degree > 0), p.walks_per_node)
+        starts = walk_starts(np.flatnonzero(graph.degree > 0), p.walks_per_node, p.walk_length, p.max_examples,
+                             np.random.default_rng([self.seed, 2]))
         walks = random_walks(graph, starts, p.walk_length - 1, np.random.default_rng([self.seed, 1]))
         corpus = Corpus.from_padded(walks, -1)
+        n_tokens = int((walks >= 0).sum())
+        self.epochs_run = scaled_epochs(p.epochs, n_tokens, p.max_examples)
         codes = [f.codes for f in enc.fields]
         sizes = enc.sizes
         cfg = SkipGramConfig(dim=p.dim, window=p.window, shrink_window=p.shrink_window, num_negatives=p.num_negatives,
                              shared_negatives=p.negatives == "shared",
-                             negatives_power=p.negatives_power, sample=p.sample, epochs=p.epochs,
+                             negatives_power=p.negatives_power, sample=p.sample, epochs=self.epochs_run,
                              batch_size=p.batch_size, lr=p.lr, lr_decay=p.lr_decay, seed=self.seed,
                              num_threads=p.num_threads,
                              progress=progress, desc=f"eges ({p.aggregation})")
@@ -221,6 +230,7 @@ class EGESChannel(EmbeddingChannel):
         self.valid_items = warm | self.cold_items
         self.fit_s = time.perf_counter() - t0
         self.metrics = {"fit_s": round(self.fit_s, 3), "n_edges": int(graph.nnz), "n_walks": int(len(starts)),
+                        "n_tokens": n_tokens, "epochs": self.epochs_run,
                         "n_pairs_last_epoch": int(res.pairs_last_epoch), "n_warm": int(warm.sum()),
                         "n_cold": int(self.cold_items.sum()), "side_info": enc.columns,
                         "loss": round(float(res.history.losses[-1]), 4) if res.history.losses else None}

@@ -15,6 +15,7 @@ import zlib
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from trainer.budget import scaled_epochs
 from trainer.channels.embedding import EmbeddingChannel
 from trainer.data.sessions import split_sessions
 from trainer.data.train_data import TrainData
@@ -56,13 +57,6 @@ class Item2VecParams(BaseModel):
     top_k: int = Field(100, ge=1, le=2000, description="neighbours published per item")
     workers: int = Field(1, ge=1, le=64, description=">1 is faster but not reproducible")
 
-
-def scaled_epochs(epochs: int, n_examples: int, max_examples: int | None) -> int:
-    """The scale rule: whole epochs, at most `epochs`, at least one, and no more than `max_examples` examples in all
-    where one epoch fits (ml-100k keeps its 10 epochs; a 1M-click log gets 3, 10M clicks 1)."""
-    if max_examples is None or n_examples == 0:
-        return epochs
-    return max(1, min(epochs, max_examples // n_examples))
 
 
 def train_word2vec(sentences: list[list[str]], p: Item2VecParams, seed: int, progress: bool = False

@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from common.towers.two_tower_user import UserTower
+from trainer.budget import scaled_epochs
 from trainer.channels.hooks.two_tower import TwoTowerHooks
 from trainer.data.train_data import TrainData
 from trainer.nn.encoding import item_tower_encoding, user_tower_encoding
@@ -90,13 +91,6 @@ class TwoTowerParams(BaseModel):
             raise ValueError("hard_to must be > hard_from")
         return self
 
-
-def scaled_epochs(epochs: int, n_examples: int, max_examples: int | None) -> int:
-    """The scale rule: whole epochs, at most `epochs`, at least one, and no more than `max_examples` examples in all
-    where one epoch fits (ml-100k's 7 × ~99k stay as they are; 1M clicks and beyond: one epoch)."""
-    if max_examples is None or n_examples == 0:
-        return epochs
-    return max(1, min(epochs, max_examples // n_examples))
 
 
 class TwoTowerChannel(TwoTowerHooks):

@@ -250,8 +250,8 @@ def bench_config(two_tower: bool, every_channel: bool = False) -> str:
             if spec.get("model") and spec.get("model") not in ("itemcf", "usercf", "mf", "popular"):
                 params = spec.setdefault("params", {})
                 params["epochs"] = 1
-                if "warmup_epochs" in known[spec["model"]].Params.model_fields:  # MIC: mining needs an epoch after
-                    params.update(warmup_epochs=1, epochs=2)
+                if spec["model"] == "mic":  # the backbone's epoch: the same artifacts (tower, u2u and i2i lists)
+                    params.update(knn_positives=0, hard_negatives=0, u2u_weight=0.0, i2i_weight=0.0)
         if spec.get("model") == "fm":
             spec.setdefault("params", {})["epochs"] = 1
     if two_tower:

@@ -126,7 +126,7 @@ def wait_for_redis(url: str, timeout: float = 10.0, proc: subprocess.Popen | Non
         try:
             client.ping()
             return
-        except redis.exceptions.ConnectionError:
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):  # timeout: still loading a big file
             if time.monotonic() > deadline:
                 raise RuntimeError(f"Redis at {url} did not answer within {timeout:.0f}s") from None
             time.sleep(0.05)

@@ -1,5 +1,5 @@
 """The scale rule of the embedding trainers: a bound on the examples one fit trains, so a nightly's cost stops
-growing with the log (two-tower, item2vec, EGES; docs/scaling.md)."""
+growing with the log (two-tower, item2vec, EGES: their `max_examples` in docs/channels.md)."""
 
 from __future__ import annotations
 
